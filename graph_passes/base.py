@@ -1,0 +1,64 @@
+"""What every graph pass is: an in-place onnx-ir pass that counts its rewrites.
+
+A pass has a registry ``name``, one ``call(model) -> PassResult`` with an honest ``modified``
+flag, and sets ``self.matches`` to the number of rewrites it made in that call so the pass
+manager can report it. Passes must never mutate a tensor object in place (replace the value's
+``const_value`` instead): the pass manager snapshots models with ``Model.clone()``, which
+shares tensors, to roll a bad pass back cheaply.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import onnx_ir as ir
+
+
+class GraphPass(ir.passes.InPlacePass):
+    """Base class of our passes; subclasses implement ``call`` and set ``matches``."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.matches = 0
+
+    def result(self, model: ir.Model) -> ir.passes.PassResult:
+        """The PassResult for this call, modified exactly when something was rewritten."""
+        return ir.passes.PassResult(model, modified=self.matches > 0)
+
+
+def is_graph_output(value: ir.Value) -> bool:
+    """True when the value is an output of the graph that produces it (so it keeps its name)."""
+    return value.is_graph_output()
+
+
+def replace_value(old: ir.Value, new: ir.Value) -> None:
+    """Redirect every use of ``old`` to ``new``, keeping the graph's signature stable.
+
+    When ``old`` is a graph output, ``new`` takes its place, its name and its declared type
+    and shape (the declared output shape is a contract with the caller; a simplifier that
+    turned ``[32, 1, 8210]`` into ``[1, 262720]`` broke exactly that). Check ``can_replace``
+    first.
+    """
+    if old.is_graph_output():
+        name, type_, shape = old.name, old.type, old.shape
+        old.replace_all_uses_with(new, replace_graph_outputs=True)
+        old.name = None
+        new.name = name
+        if type_ is not None:
+            new.type = type_
+        if shape is not None:
+            new.shape = shape
+    else:
+        old.replace_all_uses_with(new)
+
+
+def can_replace(old: ir.Value, new: ir.Value) -> bool:
+    """Whether ``replace_value(old, new)`` keeps the graph valid."""
+    if not old.is_graph_output():
+        return True
+    if new.is_graph_input() or new.is_graph_output() or new.is_initializer():
+        return False
+    # An outer-scope value cannot become a subgraph's output by renaming.
+    return new.graph is old.graph

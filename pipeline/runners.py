@@ -1,0 +1,124 @@
+"""ONNX Runtime sessions over in-memory onnx-ir models.
+
+Creating a session is a visible, timed step (Polygraphy's runner idea). A model is handed to
+ONNX Runtime as bytes when all its tensor data is in memory; when some initializers live in
+external files, the model is written to a scratch folder whose data files are symbolic links
+to the originals, so a multi-GB model is never copied or serialized as one protobuf.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+logger = logging.getLogger(__name__)
+
+Feeds = dict[str, np.ndarray]
+Outputs = dict[str, object]  # numpy arrays, or lists/dicts for sequence and map outputs
+
+OPT_LEVELS = {
+    "disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclass
+class Session:
+    """An ONNX Runtime session plus how long it took to create."""
+
+    inner: ort.InferenceSession
+    create_seconds: float
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.inner.get_outputs()]
+
+    def run(self, feeds: Feeds) -> Outputs:
+        """Run once; feeds the model does not take are dropped (user data may carry extras)."""
+        wanted = {i.name for i in self.inner.get_inputs()}
+        results = self.inner.run(None, {k: v for k, v in feeds.items() if k in wanted})
+        return dict(zip(self.output_names, results, strict=True))
+
+
+def _has_external_tensors(model: ir.Model) -> bool:
+    return any(
+        isinstance(v.const_value, ir.ExternalTensor)
+        for g in model.graphs()
+        for v in g.initializers.values()
+    )
+
+
+@contextlib.contextmanager
+def model_on_disk(model: ir.Model) -> Iterator[Path]:
+    """Yield a path to a loadable copy of ``model``; external data is linked, not copied."""
+    scratch = Path(tempfile.mkdtemp(prefix="ovo-run-"))
+    try:
+        proto = ir.to_proto(model)
+        for graph in model.graphs():
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if isinstance(tensor, ir.ExternalTensor):
+                    _link_external_file(tensor, scratch)
+        path = scratch / "model.onnx"
+        if proto.ByteSize() < 1_900_000_000:
+            path.write_bytes(proto.SerializeToString())
+        else:
+            ir.save(model, path, external_data="model.onnx.data")
+        yield path
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _link_external_file(tensor: ir.ExternalTensor, scratch: Path) -> None:
+    source = (Path(tensor.base_dir) / tensor.location).resolve()
+    link = scratch / tensor.location
+    if link.exists() or link.is_symlink():
+        return
+    link.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.symlink(source, link)
+    except OSError:
+        shutil.copyfile(source, link)
+
+
+def create_session(
+    model: ir.Model,
+    *,
+    optimization: str = "disable_all",
+    providers: list[str] | None = None,
+    intra_op_threads: int | None = None,
+) -> Session:
+    """Create an ONNX Runtime session for ``model`` (CPU unless providers are given)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = OPT_LEVELS[optimization]
+    options.log_severity_level = 3
+    if intra_op_threads is not None:
+        options.intra_op_num_threads = intra_op_threads
+    providers = providers or ["CPUExecutionProvider"]
+    start = time.perf_counter()
+    if _has_external_tensors(model):
+        with model_on_disk(model) as path:
+            inner = ort.InferenceSession(str(path), options, providers=providers)
+    else:
+        inner = ort.InferenceSession(
+            ir.to_proto(model).SerializeToString(), options, providers=providers
+        )
+    return Session(inner, time.perf_counter() - start)
+
+
+def run_all(session: Session, input_sets: list[Feeds]) -> list[Outputs]:
+    """Run the session on every input set, in order."""
+    return [session.run(feeds) for feeds in input_sets]
