@@ -148,10 +148,12 @@ def _integer_bounds(model: ir.Model) -> dict[str, int]:
             if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
                 continue
             table, indices = node.inputs[0], node.inputs[1]
-            if not indices.is_graph_input() or table.shape is None:
+            const = ir.convenience.get_const_tensor(table)
+            shape = const.shape if const is not None else table.shape
+            if not indices.is_graph_input() or shape is None:
                 continue
             axis = node.attributes.get_int("axis", 0)
-            size = table.shape[axis] if -len(table.shape) <= axis < len(table.shape) else None
+            size = shape[axis] if -len(shape) <= axis < len(shape) else None
             if isinstance(size, int) and size > 0:
                 name = indices.name or ""
                 bounds[name] = min(bounds.get(name, size), size)

@@ -1,0 +1,168 @@
+"""The command line: parse with typer, build a Recipe, call ``pipeline.run``, print with rich.
+
+No logic lives here beyond mapping exceptions to the documented exit codes:
+0 ok; 1 verification failed (the report says where); 2 bad input or usage (one line, no
+traceback unless ``--debug``). Nothing is written to OUT unless the run succeeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.errors import EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, UserError, VerificationFailed
+from pipeline.pass_manager import PassRecord
+from pipeline.report import Report, write_report
+
+console = Console(stderr=True)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def _split(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+class ConsoleListener:
+    """Prints each stage and each pass application as it happens."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def stage(self, name: str) -> None:
+        if not self.quiet:
+            console.print(f"[bold cyan]>[/] {name}")
+
+    def record(self, record: PassRecord) -> None:
+        if self.quiet or not (record.modified or record.verification == "rolled_back"):
+            return
+        colour = {"passed": "green", "rolled_back": "red"}.get(record.verification, "yellow")
+        console.print(
+            f"  [{colour}]{record.verification:<11}[/] {record.name:<32} "
+            f"nodes {record.nodes_before} -> {record.nodes_after}  "
+            f"matches {record.matches}  {record.seconds * 1e3:.0f} ms"
+            + (f"\n    [red]{record.reason}[/]" if record.reason else "")
+        )
+
+
+def _summary(report: Report) -> Table:
+    table = Table(title="optimization summary", show_header=True, header_style="bold")
+    table.add_column("")
+    table.add_column("original", justify="right")
+    table.add_column("optimized", justify="right")
+    before, after = report.input_model, report.output_model
+    table.add_row("nodes", str(before.nodes), str(after.nodes))
+    table.add_row("initializers", str(before.initializers), str(after.initializers))
+    table.add_row("file size (MB)", f"{before.size_bytes / 1e6:.2f}", f"{after.size_bytes / 1e6:.2f}")
+    if report.latency:
+        lat = report.latency
+        table.add_row(
+            "latency (ms, median)",
+            f"{lat['median_ms_original']:.3f}",
+            f"{lat['median_ms_optimized']:.3f}  ({lat['ratio']:.2f}x ±{lat['noise']:.2f})",
+        )
+    if report.parity:
+        worst = max((o["max_abs_error"] or 0.0 for o in report.parity["outputs"]), default=0.0)
+        table.add_row("parity", "", f"{'pass' if report.parity['passed'] else 'FAIL'} (max abs err {worst:.2e})")
+    return table
+
+
+@app.command()
+def optimize(
+    model: Annotated[Path, typer.Argument(help="Input .onnx model (never modified).")],
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Output path (default: IN.opt.onnx).")
+    ] = None,
+    report: Annotated[Path | None, typer.Option(help="Write report.json here.")] = None,
+    recipe: Annotated[str, typer.Option(help="Bundled recipe name or a .toml file.")] = "default",
+    passes: Annotated[str | None, typer.Option(help="Comma-separated passes (replaces the recipe's list).")] = None,
+    skip_passes: Annotated[str | None, typer.Option(help="Comma-separated passes to leave out.")] = None,
+    inputs: Annotated[Path | None, typer.Option(help="Real input data: a .npz, or a folder of .npz/.npy.")] = None,
+    input_shape: Annotated[list[str] | None, typer.Option(help="Fix an input's shape: name=1,3,224,224 (repeatable).")] = None,
+    rtol: Annotated[float | None, typer.Option(help="Relative tolerance for parity.")] = None,
+    atol: Annotated[float | None, typer.Option(help="Absolute tolerance for parity.")] = None,
+    verify: Annotated[str | None, typer.Option(help="per-pass | end | auto (verify each pass, or once at the end and bisect).")] = None,
+    speed_check: Annotated[bool | None, typer.Option("--speed-check/--no-speed-check", help="Time original vs. optimized (default: recipe).")] = None,
+    external_data: Annotated[bool | None, typer.Option("--external-data/--no-external-data", help="Force or forbid external data (default: by size).")] = None,
+    allow_unverified: Annotated[bool, typer.Option(help="Optimize even when ONNX Runtime cannot run the model (checker-only verification).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for generated inputs.")] = 0,
+    list_passes: Annotated[bool, typer.Option(help="List registered passes and recipes, then exit.")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print only the summary.")] = False,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks and debug logs.")] = False,
+) -> None:
+    """Optimize an ONNX model with verified graph passes; exit 0 ok, 1 verification failed, 2 bad input."""
+    from graph_passes import REGISTRY
+    from pipeline import inputs as inputs_mod
+    from pipeline.recipe import bundled_recipe_names, load_recipe
+    from pipeline.run import RunOptions, run
+
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
+    if list_passes:
+        for name, cls in sorted(REGISTRY.items()):
+            doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+            typer.echo(f"{name:<34} {doc}")
+        typer.echo("recipes: " + ", ".join(bundled_recipe_names()))
+        raise typer.Exit(0)
+    sink: list[Report] = []
+    code = 0
+    try:
+        chosen = load_recipe(recipe).with_overrides(
+            passes=_split(passes), skip_passes=_split(skip_passes), rtol=rtol, atol=atol,
+            verify_mode=verify, speed_check=speed_check,
+        )
+        options = RunOptions(
+            input_path=model,
+            output_path=output or model.with_name(model.stem + ".opt.onnx"),
+            recipe=chosen,
+            inputs_path=inputs,
+            input_shapes=inputs_mod.parse_shape_overrides(input_shape),
+            external_data=external_data,
+            allow_unverified=allow_unverified,
+            seed=seed,
+        )
+        result = run(options, sink, ConsoleListener(quiet))
+        console.print(_summary(result))
+        for warning in result.warnings:
+            console.print(f"[yellow]warning:[/] {warning}")
+        for name, reason in result.rolled_back.items():
+            console.print(f"[red]rolled back:[/] {name}: {reason}")
+        console.print(f"[green]wrote[/] {options.output_path}")
+    except (UserError, VerificationFailed) as exc:
+        if debug:
+            console.print_exception()
+        code = exc.exit_code
+        label = "error" if code == EXIT_BAD_INPUT else "verification failed"
+        console.print(f"[red]{label}:[/] {exc}", soft_wrap=True)
+        if sink:
+            sink[0].status = "error" if code == EXIT_BAD_INPUT else "verification_failed"
+            sink[0].exit_code, sink[0].message = code, str(exc)
+    except Exception as exc:  # a bug in this project: say so in one line, write nothing
+        if debug:
+            console.print_exception()
+        code = EXIT_INTERNAL_ERROR
+        console.print(f"[red]internal error:[/] {type(exc).__name__}: {exc} (re-run with --debug)")
+        if sink:
+            sink[0].status, sink[0].exit_code, sink[0].message = "error", code, str(exc)
+    if report is not None and sink:
+        try:
+            write_report(sink[0], report)
+        except UserError as exc:
+            console.print(f"[red]error:[/] {exc}")
+            code = code or EXIT_BAD_INPUT
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]; nothing was written")
+        sys.exit(130)

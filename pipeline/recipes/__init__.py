@@ -1,0 +1,1 @@
+"""Bundled recipes (TOML files); ``pipeline.recipe.load_recipe`` reads them by name."""

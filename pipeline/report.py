@@ -1,0 +1,147 @@
+"""The run report: one dataclass, written as ``report.json`` (schema documented in README).
+
+``SCHEMA_VERSION`` changes whenever a field is renamed or removed or changes meaning; new
+fields may be added without a bump. Readers should check it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime
+
+import pipeline
+from pipeline.errors import UserError
+from pipeline.load import tensor_bytes
+from pipeline.pass_manager import count_nodes
+
+SCHEMA_VERSION = "1.0"
+
+
+@dataclass
+class ModelFacts:
+    """What a model is, without reading its weights twice."""
+
+    path: str
+    size_bytes: int
+    sha256: str
+    ir_version: int
+    opset_imports: dict[str, int]
+    nodes: int
+    op_histogram: dict[str, int]
+    initializers: int
+    tensor_bytes: int
+    inputs: list[dict]
+    outputs: list[dict]
+
+
+def _value_facts(value: ir.Value) -> dict:
+    shape = None
+    if value.shape is not None:
+        shape = [d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape]
+    return {"name": value.name, "type": str(value.type) if value.type else None, "shape": shape}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_facts(model: ir.Model, path: Path | None) -> ModelFacts:
+    histogram: collections.Counter[str] = collections.Counter()
+    for graph in model.graphs():
+        for node in graph:
+            key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+            histogram[key] += 1
+    size = path.stat().st_size if path is not None and path.exists() else 0
+    data_file = Path(str(path) + ".data") if path is not None else None
+    if data_file is not None and data_file.exists():
+        size += data_file.stat().st_size
+    return ModelFacts(
+        path=str(path) if path is not None else "",
+        size_bytes=size,
+        sha256=file_sha256(path) if path is not None and path.exists() else "",
+        ir_version=model.ir_version,
+        opset_imports=dict(sorted(model.opset_imports.items())),
+        nodes=count_nodes(model),
+        op_histogram=dict(sorted(histogram.items())),
+        initializers=sum(len(g.initializers) for g in model.graphs()),
+        tensor_bytes=tensor_bytes(model),
+        inputs=[_value_facts(v) for v in model.graph.inputs],
+        outputs=[_value_facts(v) for v in model.graph.outputs],
+    )
+
+
+def versions() -> dict[str, str]:
+    return {
+        "project": pipeline.__version__,
+        "onnx": onnx.__version__,
+        "onnx_ir": ir.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+@dataclass
+class Report:
+    """Everything a run did and proved; ``to_dict`` is the report.json content."""
+
+    recipe: dict
+    input_model: ModelFacts
+    status: str = "running"  # ok | verification_failed | error
+    exit_code: int | None = None
+    message: str = ""
+    output_model: ModelFacts | None = None
+    inputs: dict = field(default_factory=dict)
+    passes: list[dict] = field(default_factory=list)
+    rolled_back: dict[str, str] = field(default_factory=dict)
+    iterations: int = 0
+    parity: dict | None = None
+    latency: dict | None = None
+    warnings: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    schema_version: str = SCHEMA_VERSION
+    versions: dict[str, str] = field(default_factory=versions)
+
+    def to_dict(self) -> dict:
+        return _jsonable(dataclasses.asdict(self))
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return str(value)
+    return value
+
+
+def write_report(report: Report, path: Path) -> None:
+    """Write report.json atomically (temp file in the same folder + rename)."""
+    text = json.dumps(report.to_dict(), indent=2, sort_keys=False) + "\n"
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-report-", dir=folder)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise UserError(f"cannot write report {path}: {exc.strerror or exc}") from exc

@@ -1,0 +1,197 @@
+"""The pipeline end to end: load -> inputs -> verified passes -> parity -> speed -> save.
+
+Raises ``UserError`` (exit 2) for anything the user can fix and ``VerificationFailed``
+(exit 1) when the optimized model cannot be shown to be as correct and as fast as the
+original. In both cases nothing is written to the output path; the report (if asked for) is
+always filled in so the caller can write it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import onnx_ir as ir
+
+from pipeline import inputs as inputs_mod
+from pipeline import runners
+from pipeline.benchmark import compare_latency
+from pipeline.compare import Tolerance
+from pipeline.errors import UserError, VerificationFailed
+from pipeline.load import load_model, save_model, tensor_bytes
+from pipeline.pass_manager import AUTO_END_VERIFY_BYTES, PassRecord, VerifiedPassManager
+from pipeline.recipe import Recipe
+from pipeline.report import Report, file_sha256, model_facts
+from pipeline.verify import Verifier
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunOptions:
+    """Everything one optimization run needs (the CLI builds this)."""
+
+    input_path: Path
+    output_path: Path
+    recipe: Recipe
+    inputs_path: Path | None = None
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    output_tolerances: dict[str, Tolerance] = field(default_factory=dict)
+    external_data: bool | None = None
+    allow_unverified: bool = False
+    seed: int = 0
+
+
+class Listener(Protocol):
+    def stage(self, name: str) -> None: ...
+
+    def record(self, record: PassRecord) -> None: ...
+
+
+class _Silent:
+    def stage(self, name: str) -> None:
+        logger.info("stage: %s", name)
+
+    def record(self, record: PassRecord) -> None:
+        logger.info("pass %s: %s", record.name, record.verification)
+
+
+def _check_paths(options: RunOptions) -> None:
+    source = options.input_path
+    target = options.output_path
+    if target.exists() and target.is_dir():
+        raise UserError(f"output path is a directory: {target}")
+    if source.exists() and target.exists() and source.resolve() == target.resolve():
+        raise UserError("output path is the input path; the input model is never overwritten")
+
+
+def _reference_run(
+    model: ir.Model, options: RunOptions, report: Report
+) -> tuple[list[inputs_mod.Feeds], list[runners.Outputs] | None]:
+    """Pick input sets and compute the original model's outputs on them."""
+    if options.inputs_path is not None:
+        sets = inputs_mod.load_user_inputs(options.inputs_path)
+        inputs_mod.check_user_inputs(model, sets)
+        source = "user"
+    else:
+        sets = inputs_mod.generate_input_sets(model, options.input_shapes, seed=options.seed)
+        source = "generated"
+    try:
+        session = runners.create_session(model, optimization="disable_all")
+    except Exception as exc:
+        return _unverifiable(options, report, sets, source, f"cannot load it: {exc}")
+    try:
+        outputs = runners.run_all(session, sets)
+    except Exception as exc:
+        if source == "user":
+            raise UserError(f"the input model fails on your --inputs data: {_line(exc)}") from exc
+        fallback = [inputs_mod.minimal_input_set(model, options.input_shapes, seed=options.seed)]
+        try:
+            outputs = runners.run_all(session, fallback)
+        except Exception as exc2:
+            return _unverifiable(options, report, sets, source, f"cannot run it: {exc2}")
+        report.warnings.append(
+            "the model failed on inputs with varied dynamic sizes; verified with every "
+            f"dynamic dimension at 1 only ({_line(exc)}). Pass --inputs or --input-shape "
+            "for stronger verification."
+        )
+        sets = fallback
+    report.inputs = _describe_inputs(sets, source)
+    return sets, outputs
+
+
+def _unverifiable(options, report, sets, source, reason):
+    message = f"ONNX Runtime {_line(reason)}"
+    if not options.allow_unverified:
+        raise UserError(
+            f"{message}; outputs cannot be verified (re-run with --allow-unverified to "
+            "optimize with checker-only verification)"
+        )
+    report.warnings.append(f"{message}; passes were verified by the ONNX checker only")
+    report.inputs = _describe_inputs(sets, source)
+    return sets, None
+
+
+def _describe_inputs(sets: list[inputs_mod.Feeds], source: str) -> dict:
+    described = [
+        {name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in feeds.items()}
+        for feeds in sets
+    ]
+    return {"source": source, "sets": described}
+
+
+def _line(exc: object) -> str:
+    return " ".join(str(exc).split())[:300]
+
+
+def run(options: RunOptions, report_sink: list[Report], listener: Listener | None = None) -> Report:
+    """Optimize one model. The report is appended to ``report_sink`` as soon as it exists,
+    so a caller can write it even when this raises."""
+    listener = listener or _Silent()
+    started = time.perf_counter()
+    _check_paths(options)
+    listener.stage("load")
+    model = load_model(options.input_path)
+    input_hash = file_sha256(options.input_path)
+    recipe = options.recipe
+    report = Report(recipe=dataclasses.asdict(recipe), input_model=model_facts(model, options.input_path))
+    report_sink.append(report)
+    report.seconds["load"] = time.perf_counter() - started
+
+    listener.stage("reference run")
+    sets, reference = _reference_run(model, options, report)
+    tolerance = Tolerance(rtol=recipe.verify.rtol, atol=recipe.verify.atol)
+    verifier = Verifier(sets, reference, tolerance, options.output_tolerances)
+
+    mode = recipe.verify.mode
+    if mode == "auto":
+        mode = "end" if tensor_bytes(model) > AUTO_END_VERIFY_BYTES else "per-pass"
+    report.recipe["verify"]["mode_used"] = mode
+    original = model.clone()
+    listener.stage("passes")
+    manager = VerifiedPassManager(
+        recipe.passes, verifier, max_iterations=recipe.max_iterations, mode=mode,
+        on_record=listener.record,
+    )
+    t0 = time.perf_counter()
+    result = manager.run(model)
+    report.seconds["passes_and_verification"] = time.perf_counter() - t0
+    report.seconds["passes"] = sum(r.seconds for r in result.records)
+    report.passes = [dataclasses.asdict(r) for r in result.records]
+    report.rolled_back = dict(result.rolled_back)
+    report.iterations = result.iterations
+    optimized = result.model
+
+    listener.stage("final verification")
+    verdict = verifier.verify(optimized)
+    report.parity = verdict.comparison.to_dict() if verdict.comparison is not None else None
+    if not verdict.ok:
+        raise VerificationFailed(f"optimized model fails verification at {verdict.stage}: {verdict.reason}")
+
+    changed = any(r.modified and r.verification != "rolled_back" for r in result.records)
+    if recipe.speed.check and verifier.can_run and changed:
+        listener.stage("speed check")
+        latency = compare_latency(
+            original, optimized, sets[0], rounds=recipe.speed.rounds,
+            max_slowdown=recipe.speed.max_slowdown,
+        )
+        report.latency = latency.to_dict()
+        if latency.verdict == "slower":
+            raise VerificationFailed(
+                f"optimized model is slower: {latency.ratio:.3f}x the original's latency "
+                f"(noise {latency.noise:.3f}, budget {recipe.speed.max_slowdown:.2f})"
+            )
+
+    listener.stage("save")
+    save_model(optimized, options.output_path, external_data=options.external_data)
+    if file_sha256(options.input_path) != input_hash:  # a guarantee, checked every run
+        raise RuntimeError("input model file changed during the run")
+    report.output_model = model_facts(optimized, options.output_path)
+    report.status = "ok"
+    report.exit_code = 0
+    report.seconds["total"] = time.perf_counter() - started
+    return report
