@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 
 
 class GraphPass(ir.passes.InPlacePass):
@@ -62,3 +63,55 @@ def can_replace(old: ir.Value, new: ir.Value) -> bool:
         return False
     # An outer-scope value cannot become a subgraph's output by renaming.
     return new.graph is old.graph
+
+
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def is_standard(node: ir.Node) -> bool:
+    """True for nodes of the default ONNX operator set (not ai.onnx.ml, not custom ops)."""
+    return node.domain in STANDARD_DOMAINS
+
+
+def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The value's tensor when it is a true constant, else None.
+
+    A true constant is an initializer that is NOT also a graph input (old exporters list
+    weights as inputs, which makes them overridable at run time, so they are not constants)
+    or the output of a standard ``Constant`` node with a ``value`` attribute.
+    """
+    if value is None:
+        return None
+    if value.is_graph_input():
+        return None
+    if value.const_value is not None and value.is_initializer():
+        return value.const_value
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and is_standard(producer):
+        attr = producer.attributes.get("value")
+        if attr is not None and attr.type == ir.AttributeType.TENSOR:
+            return attr.as_tensor()
+        if value.const_value is not None:
+            return value.const_value
+    return None
+
+
+def constant_array(value: ir.Value | None):  # -> np.ndarray | None
+    """``constant_tensor(value)`` as a numpy array (None when not a true constant)."""
+    tensor = constant_tensor(value)
+    return None if tensor is None else tensor.numpy()
+
+
+def infer_shapes(model: ir.Model) -> None:
+    """Fill in value types and shapes with ONNX shape inference, in place and never fatal.
+
+    Non-strict, so models with custom ops get what can be inferred. Declared graph-output
+    types and shapes are kept as they were: they are the model's contract with its caller.
+    """
+    outputs = [(v, v.type, v.shape) for g in model.graphs() for v in g.outputs]
+    common_passes.ShapeInferencePass(strict_mode=False, data_prop=True)(model)
+    for value, type_, shape in outputs:
+        if type_ is not None:
+            value.type = type_
+        if shape is not None:
+            value.shape = shape

@@ -60,7 +60,9 @@ def _summary(report: Report) -> Table:
     before, after = report.input_model, report.output_model
     table.add_row("nodes", str(before.nodes), str(after.nodes))
     table.add_row("initializers", str(before.initializers), str(after.initializers))
-    table.add_row("file size (MB)", f"{before.size_bytes / 1e6:.2f}", f"{after.size_bytes / 1e6:.2f}")
+    table.add_row(
+        "file size (MB)", f"{before.size_bytes / 1e6:.2f}", f"{after.size_bytes / 1e6:.2f}"
+    )
     if report.latency:
         lat = report.latency
         table.add_row(
@@ -70,7 +72,11 @@ def _summary(report: Report) -> Table:
         )
     if report.parity:
         worst = max((o["max_abs_error"] or 0.0 for o in report.parity["outputs"]), default=0.0)
-        table.add_row("parity", "", f"{'pass' if report.parity['passed'] else 'FAIL'} (max abs err {worst:.2e})")
+        table.add_row(
+            "parity",
+            "",
+            f"{'pass' if report.parity['passed'] else 'FAIL'} (max abs err {worst:.2e})",
+        )
     return table
 
 
@@ -82,28 +88,64 @@ def optimize(
     ] = None,
     report: Annotated[Path | None, typer.Option(help="Write report.json here.")] = None,
     recipe: Annotated[str, typer.Option(help="Bundled recipe name or a .toml file.")] = "default",
-    passes: Annotated[str | None, typer.Option(help="Comma-separated passes (replaces the recipe's list).")] = None,
-    skip_passes: Annotated[str | None, typer.Option(help="Comma-separated passes to leave out.")] = None,
-    inputs: Annotated[Path | None, typer.Option(help="Real input data: a .npz, or a folder of .npz/.npy.")] = None,
-    input_shape: Annotated[list[str] | None, typer.Option(help="Fix an input's shape: name=1,3,224,224 (repeatable).")] = None,
+    passes: Annotated[
+        str | None, typer.Option(help="Comma-separated passes (replaces the recipe's list).")
+    ] = None,
+    skip_passes: Annotated[
+        str | None, typer.Option(help="Comma-separated passes to leave out.")
+    ] = None,
+    inputs: Annotated[
+        Path | None, typer.Option(help="Real input data: a .npz, or a folder of .npz/.npy.")
+    ] = None,
+    input_shape: Annotated[
+        list[str] | None, typer.Option(help="Fix an input's shape: name=1,3,224,224 (repeatable).")
+    ] = None,
     rtol: Annotated[float | None, typer.Option(help="Relative tolerance for parity.")] = None,
     atol: Annotated[float | None, typer.Option(help="Absolute tolerance for parity.")] = None,
-    verify: Annotated[str | None, typer.Option(help="per-pass | end | auto (verify each pass, or once at the end and bisect).")] = None,
-    speed_check: Annotated[bool | None, typer.Option("--speed-check/--no-speed-check", help="Time original vs. optimized (default: recipe).")] = None,
-    external_data: Annotated[bool | None, typer.Option("--external-data/--no-external-data", help="Force or forbid external data (default: by size).")] = None,
-    allow_unverified: Annotated[bool, typer.Option(help="Optimize even when ONNX Runtime cannot run the model (checker-only verification).")] = False,
+    verify: Annotated[
+        str | None,
+        typer.Option(
+            help="per-pass | end | auto (verify each pass, or once at the end and bisect)."
+        ),
+    ] = None,
+    speed_check: Annotated[
+        bool | None,
+        typer.Option(
+            "--speed-check/--no-speed-check", help="Time original vs. optimized (default: recipe)."
+        ),
+    ] = None,
+    external_data: Annotated[
+        bool | None,
+        typer.Option(
+            "--external-data/--no-external-data",
+            help="Force or forbid external data (default: by size).",
+        ),
+    ] = None,
+    allow_unverified: Annotated[
+        bool,
+        typer.Option(
+            help="Optimize even when ONNX Runtime cannot run the model (checker-only verification)."
+        ),
+    ] = False,
     seed: Annotated[int, typer.Option(help="Seed for generated inputs.")] = 0,
-    list_passes: Annotated[bool, typer.Option(help="List registered passes and recipes, then exit.")] = False,
+    list_passes: Annotated[
+        bool, typer.Option(help="List registered passes and recipes, then exit.")
+    ] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print only the summary.")] = False,
     debug: Annotated[bool, typer.Option(help="Show tracebacks and debug logs.")] = False,
 ) -> None:
-    """Optimize an ONNX model with verified graph passes; exit 0 ok, 1 verification failed, 2 bad input."""
+    """Optimize an ONNX model with verified graph passes.
+
+    Exit codes: 0 ok, 1 verification failed, 2 bad input or usage, 3 internal error.
+    """
     from graph_passes import REGISTRY
     from pipeline import inputs as inputs_mod
     from pipeline.recipe import bundled_recipe_names, load_recipe
     from pipeline.run import RunOptions, run
 
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s"
+    )
     if list_passes:
         for name, cls in sorted(REGISTRY.items()):
             doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
@@ -114,8 +156,12 @@ def optimize(
     code = 0
     try:
         chosen = load_recipe(recipe).with_overrides(
-            passes=_split(passes), skip_passes=_split(skip_passes), rtol=rtol, atol=atol,
-            verify_mode=verify, speed_check=speed_check,
+            passes=_split(passes),
+            skip_passes=_split(skip_passes),
+            rtol=rtol,
+            atol=atol,
+            verify_mode=verify,
+            speed_check=speed_check,
         )
         options = RunOptions(
             input_path=model,

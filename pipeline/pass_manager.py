@@ -116,12 +116,21 @@ class VerifiedPassManager:
             logger.debug("pass %s raised", name, exc_info=True)
             seconds = time.perf_counter() - start
             reason = f"raised {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-            record = PassRecord(name, iteration, False, before, before, seconds, 0,
-                                "rolled_back", reason)
+            record = PassRecord(
+                name, iteration, False, before, before, seconds, 0, "rolled_back", reason
+            )
             return record, True
         seconds = time.perf_counter() - start
-        record = PassRecord(name, iteration, modified, before, count_nodes(model), seconds,
-                            pass_.matches, "pending" if modified else "not_needed")
+        record = PassRecord(
+            name,
+            iteration,
+            modified,
+            before,
+            count_nodes(model),
+            seconds,
+            pass_.matches,
+            "pending" if modified else "not_needed",
+        )
         return record, False
 
     def _emit(self, result: PassManagerResult, record: PassRecord) -> None:

@@ -86,8 +86,10 @@ class Recipe:
             atol=self.verify.atol if atol is None else atol,
             mode=self.verify.mode if verify_mode is None else verify_mode,
         )
-        speed = self.speed if speed_check is None else dataclasses.replace(
-            self.speed, check=speed_check
+        speed = (
+            self.speed
+            if speed_check is None
+            else dataclasses.replace(self.speed, check=speed_check)
         )
         return dataclasses.replace(
             self,

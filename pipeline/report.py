@@ -65,7 +65,9 @@ def model_facts(model: ir.Model, path: Path | None) -> ModelFacts:
     histogram: collections.Counter[str] = collections.Counter()
     for graph in model.graphs():
         for node in graph:
-            key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+            key = (
+                node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+            )
             histogram[key] += 1
     size = path.stat().st_size if path is not None and path.exists() else 0
     data_file = Path(str(path) + ".data") if path is not None else None

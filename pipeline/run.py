@@ -138,7 +138,9 @@ def run(options: RunOptions, report_sink: list[Report], listener: Listener | Non
     model = load_model(options.input_path)
     input_hash = file_sha256(options.input_path)
     recipe = options.recipe
-    report = Report(recipe=dataclasses.asdict(recipe), input_model=model_facts(model, options.input_path))
+    report = Report(
+        recipe=dataclasses.asdict(recipe), input_model=model_facts(model, options.input_path)
+    )
     report_sink.append(report)
     report.seconds["load"] = time.perf_counter() - started
 
@@ -154,7 +156,10 @@ def run(options: RunOptions, report_sink: list[Report], listener: Listener | Non
     original = model.clone()
     listener.stage("passes")
     manager = VerifiedPassManager(
-        recipe.passes, verifier, max_iterations=recipe.max_iterations, mode=mode,
+        recipe.passes,
+        verifier,
+        max_iterations=recipe.max_iterations,
+        mode=mode,
         on_record=listener.record,
     )
     t0 = time.perf_counter()
@@ -170,13 +175,18 @@ def run(options: RunOptions, report_sink: list[Report], listener: Listener | Non
     verdict = verifier.verify(optimized)
     report.parity = verdict.comparison.to_dict() if verdict.comparison is not None else None
     if not verdict.ok:
-        raise VerificationFailed(f"optimized model fails verification at {verdict.stage}: {verdict.reason}")
+        raise VerificationFailed(
+            f"optimized model fails verification at {verdict.stage}: {verdict.reason}"
+        )
 
     changed = any(r.modified and r.verification != "rolled_back" for r in result.records)
     if recipe.speed.check and verifier.can_run and changed:
         listener.stage("speed check")
         latency = compare_latency(
-            original, optimized, sets[0], rounds=recipe.speed.rounds,
+            original,
+            optimized,
+            sets[0],
+            rounds=recipe.speed.rounds,
             max_slowdown=recipe.speed.max_slowdown,
         )
         report.latency = latency.to_dict()

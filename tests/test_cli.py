@@ -161,7 +161,9 @@ def test_user_inputs_are_used(small_model: Path, tmp_path: Path) -> None:
     data = tmp_path / "data.npz"
     np.savez(data, x=np.ones((5, 4), dtype=np.float32))
     report_path = tmp_path / "r.json"
-    proc = run_cli(small_model, "-o", tmp_path / "o.onnx", "--inputs", data, "--report", report_path)
+    proc = run_cli(
+        small_model, "-o", tmp_path / "o.onnx", "--inputs", data, "--report", report_path
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(report_path.read_text())
     assert report["inputs"]["source"] == "user"

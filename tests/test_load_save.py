@@ -17,8 +17,10 @@ from pipeline.errors import UserError
 def _model_with_weight(size: int = 64) -> onnx.ModelProto:
     weight = onnx.numpy_helper.from_array(np.arange(size, dtype=np.float32), "w")
     graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "w"], ["y"]),
-         helper.make_node("MyOp", ["y"], ["z"], domain="com.example")],
+        [
+            helper.make_node("Add", ["x", "w"], ["y"]),
+            helper.make_node("MyOp", ["y"], ["z"], domain="com.example"),
+        ],
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [size])],
         [helper.make_tensor_value_info("z", TensorProto.FLOAT, [size])],
@@ -35,14 +37,22 @@ def test_custom_domain_survives_load_and_save(tmp_path: Path) -> None:
     model = load.load_model(source)
     load.save_model(model, target)
     saved = onnx.load(target)
-    assert [(n.domain, n.op_type) for n in saved.graph.node] == [("", "Add"), ("com.example", "MyOp")]
+    assert [(n.domain, n.op_type) for n in saved.graph.node] == [
+        ("", "Add"),
+        ("com.example", "MyOp"),
+    ]
     assert {o.domain: o.version for o in saved.opset_import} == {"": 17, "com.example": 1}
 
 
 def test_external_data_loads_lazily_and_saves_on_request(tmp_path: Path) -> None:
     source = tmp_path / "in.onnx"
-    onnx.save(_model_with_weight(4096), source, save_as_external_data=True,
-              location="in.data", size_threshold=0)
+    onnx.save(
+        _model_with_weight(4096),
+        source,
+        save_as_external_data=True,
+        location="in.data",
+        size_threshold=0,
+    )
     model = load.load_model(source)
     weight = model.graph.initializers["w"].const_value
     assert isinstance(weight, ir.ExternalTensor)
@@ -53,7 +63,12 @@ def test_external_data_loads_lazily_and_saves_on_request(tmp_path: Path) -> None
     np.testing.assert_array_equal(
         onnx.numpy_helper.to_array(reloaded.graph.initializer[0]), np.arange(4096, dtype=np.float32)
     )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.data", "in.onnx", "out.onnx", "out.onnx.data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "in.data",
+        "in.onnx",
+        "out.onnx",
+        "out.onnx.data",
+    ]
 
 
 def test_failed_save_leaves_previous_file_and_no_debris(tmp_path: Path, monkeypatch) -> None:
