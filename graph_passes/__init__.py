@@ -8,8 +8,23 @@ test checks that every recipe's names resolve here.
 from __future__ import annotations
 
 from graph_passes.base import GraphPass
+from graph_passes.eliminate_common_subexpressions import EliminateCommonSubexpressions
+from graph_passes.fold_constants import FoldConstants
+from graph_passes.fold_shapes import FoldShapes
+from graph_passes.lift_constants import LiftConstants
+from graph_passes.merge_duplicate_initializers import MergeDuplicateInitializers
+from graph_passes.remove_dead import RemoveDead
+from graph_passes.remove_noops import RemoveNoops
 
-REGISTRY: dict[str, type[GraphPass]] = {}
+REGISTRY: dict[str, type[GraphPass]] = {
+    FoldShapes.name: FoldShapes,
+    FoldConstants.name: FoldConstants,
+    LiftConstants.name: LiftConstants,
+    RemoveNoops.name: RemoveNoops,
+    EliminateCommonSubexpressions.name: EliminateCommonSubexpressions,
+    MergeDuplicateInitializers.name: MergeDuplicateInitializers,
+    RemoveDead.name: RemoveDead,
+}
 
 
 def create_pass(name: str) -> GraphPass:

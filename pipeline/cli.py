@@ -16,8 +16,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.compare import Tolerance
 from pipeline.errors import EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, UserError, VerificationFailed
 from pipeline.pass_manager import PassRecord
+from pipeline.recipe import Recipe
 from pipeline.report import Report, write_report
 
 console = Console(stderr=True)
@@ -28,6 +30,21 @@ def _split(text: str | None) -> list[str] | None:
     if text is None:
         return None
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _parse_output_tolerances(texts: list[str] | None, recipe: Recipe) -> dict[str, Tolerance]:
+    """``name=RTOL,ATOL`` strings -> per-output Tolerance (fp16 ulps as the recipe's)."""
+    parsed: dict[str, Tolerance] = {}
+    for text in texts or []:
+        name, sep, values = text.partition("=")
+        parts = values.split(",")
+        try:
+            if not sep or not name or len(parts) != 2:
+                raise ValueError("expected name=RTOL,ATOL")
+            parsed[name] = Tolerance(rtol=float(parts[0]), atol=float(parts[1]))
+        except ValueError as exc:
+            raise UserError(f"--output-tol expects name=RTOL,ATOL, got '{text}' ({exc})") from exc
+    return parsed
 
 
 class ConsoleListener:
@@ -82,7 +99,9 @@ def _summary(report: Report) -> Table:
 
 @app.command()
 def optimize(
-    model: Annotated[Path, typer.Argument(help="Input .onnx model (never modified).")],
+    model: Annotated[
+        Path | None, typer.Argument(help="Input .onnx model (never modified).")
+    ] = None,
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Output path (default: IN.opt.onnx).")
     ] = None,
@@ -102,6 +121,10 @@ def optimize(
     ] = None,
     rtol: Annotated[float | None, typer.Option(help="Relative tolerance for parity.")] = None,
     atol: Annotated[float | None, typer.Option(help="Absolute tolerance for parity.")] = None,
+    output_tol: Annotated[
+        list[str] | None,
+        typer.Option(help="Per-output tolerance: name=RTOL,ATOL (repeatable)."),
+    ] = None,
     verify: Annotated[
         str | None,
         typer.Option(
@@ -155,6 +178,8 @@ def optimize(
     sink: list[Report] = []
     code = 0
     try:
+        if model is None:
+            raise UserError("missing input model: optimize.py IN.onnx -o OUT.onnx")
         chosen = load_recipe(recipe).with_overrides(
             passes=_split(passes),
             skip_passes=_split(skip_passes),
@@ -169,6 +194,7 @@ def optimize(
             recipe=chosen,
             inputs_path=inputs,
             input_shapes=inputs_mod.parse_shape_overrides(input_shape),
+            output_tolerances=_parse_output_tolerances(output_tol, chosen),
             external_data=external_data,
             allow_unverified=allow_unverified,
             seed=seed,

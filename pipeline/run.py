@@ -147,7 +147,13 @@ def run(options: RunOptions, report_sink: list[Report], listener: Listener | Non
     listener.stage("reference run")
     sets, reference = _reference_run(model, options, report)
     tolerance = Tolerance(rtol=recipe.verify.rtol, atol=recipe.verify.atol)
+    unknown = sorted(set(options.output_tolerances) - {v.name for v in model.graph.outputs})
+    if unknown:
+        raise UserError(f"--output-tol names unknown output(s) {', '.join(unknown)}")
     verifier = Verifier(sets, reference, tolerance, options.output_tolerances)
+    report.recipe["verify"]["output_tolerances"] = {
+        name: dataclasses.asdict(tol) for name, tol in options.output_tolerances.items()
+    }
 
     mode = recipe.verify.mode
     if mode == "auto":

@@ -22,6 +22,8 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from pipeline import opaque_types
+
 logger = logging.getLogger(__name__)
 
 Feeds = dict[str, np.ndarray]
@@ -66,7 +68,7 @@ def model_on_disk(model: ir.Model) -> Iterator[Path]:
     """Yield a path to a loadable copy of ``model``; external data is linked, not copied."""
     scratch = Path(tempfile.mkdtemp(prefix="ovo-run-"))
     try:
-        proto = ir.to_proto(model)
+        proto = opaque_types.to_proto(model)
         for graph in model.graphs():
             for value in graph.initializers.values():
                 tensor = value.const_value
@@ -114,7 +116,7 @@ def create_session(
             inner = ort.InferenceSession(str(path), options, providers=providers)
     else:
         inner = ort.InferenceSession(
-            ir.to_proto(model).SerializeToString(), options, providers=providers
+            opaque_types.to_proto(model).SerializeToString(), options, providers=providers
         )
     return Session(inner, time.perf_counter() - start)
 

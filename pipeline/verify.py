@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import onnx
 import onnx_ir as ir
 
-from pipeline import runners
+from pipeline import opaque_types, runners
 from pipeline.compare import Comparison, Tolerance, compare_sets
 from pipeline.inputs import Feeds
 
@@ -61,7 +61,7 @@ class Verifier:
             return Verdict(ok, stage, reason, time.perf_counter() - start, comparison)
 
         try:
-            onnx.checker.check_model(ir.to_proto(model), full_check=False)
+            onnx.checker.check_model(opaque_types.to_proto(model), full_check=False)
         except Exception as exc:
             return verdict("checker", f"ONNX checker: {_one_line(exc)}")
         if not self.can_run:

@@ -132,6 +132,8 @@ def test_bad_input_files_exit_2_cleanly(case: str, tmp_path: Path) -> None:
         (["{model}", "--input-shape", "x=2,4,4"], "rank"),
         (["{model}", "--input-shape", "nope=2,4"], "unknown input"),
         (["{model}", "--rtol", "1"], "rtol"),
+        (["{model}", "--output-tol", "y=1e-3"], "--output-tol"),
+        (["{model}", "--output-tol", "nope=1e-3,1e-4"], "unknown output"),
     ],
 )
 def test_bad_usage_exits_2_with_one_line(
