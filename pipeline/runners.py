@@ -2,8 +2,8 @@
 
 Creating a session is a visible, timed step (Polygraphy's runner idea). A model is handed to
 ONNX Runtime as bytes when all its tensor data is in memory; when some initializers live in
-external files, the model is written to a scratch folder whose data files are symbolic links
-to the originals, so a multi-GB model is never copied or serialized as one protobuf.
+external files, the model is written beside those files (see ``model_on_disk``), so a
+multi-GB model is never copied or serialized as one protobuf.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class Session:
         return dict(zip(self.output_names, results, strict=True))
 
 
-def _has_external_tensors(model: ir.Model) -> bool:
+def has_external_tensors(model: ir.Model) -> bool:
     return any(
         isinstance(v.const_value, ir.ExternalTensor)
         for g in model.graphs()
@@ -63,19 +63,46 @@ def _has_external_tensors(model: ir.Model) -> bool:
     )
 
 
+def _external_folders(model: ir.Model) -> set[Path]:
+    return {
+        Path(v.const_value.base_dir).resolve()
+        for g in model.graphs()
+        for v in g.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor)
+    }
+
+
 @contextlib.contextmanager
 def model_on_disk(model: ir.Model) -> Iterator[Path]:
-    """Yield a path to a loadable copy of ``model``; external data is linked, not copied."""
+    """Yield a path to a loadable copy of ``model``; external data is never copied if avoidable.
+
+    ONNX Runtime resolves external data relative to the model file and refuses paths that
+    leave the model's folder, symbolic links included. So the model is written as a hidden
+    temporary file INTO the folder that holds its external data (the data files are then
+    found as they are), and removed afterwards. Where that folder is not writable, a scratch
+    folder gets hard links to the data files, or copies as a last resort.
+    """
+    proto = opaque_types.to_proto(model)
+    folders = _external_folders(model)
+    small = proto.ByteSize() < 1_900_000_000
+    if small and len(folders) == 1 and os.access(next(iter(folders)), os.W_OK):
+        fd, name = tempfile.mkstemp(prefix=".ovo-run-", suffix=".onnx", dir=next(iter(folders)))
+        path = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(proto.SerializeToString())
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+        return
     scratch = Path(tempfile.mkdtemp(prefix="ovo-run-"))
     try:
-        proto = opaque_types.to_proto(model)
         for graph in model.graphs():
             for value in graph.initializers.values():
-                tensor = value.const_value
-                if isinstance(tensor, ir.ExternalTensor):
-                    _link_external_file(tensor, scratch)
+                if isinstance(value.const_value, ir.ExternalTensor):
+                    _link_external_file(value.const_value, scratch)
         path = scratch / "model.onnx"
-        if proto.ByteSize() < 1_900_000_000:
+        if small:
             path.write_bytes(proto.SerializeToString())
         else:
             ir.save(model, path, external_data="model.onnx.data")
@@ -87,11 +114,11 @@ def model_on_disk(model: ir.Model) -> Iterator[Path]:
 def _link_external_file(tensor: ir.ExternalTensor, scratch: Path) -> None:
     source = (Path(tensor.base_dir) / tensor.location).resolve()
     link = scratch / tensor.location
-    if link.exists() or link.is_symlink():
+    if link.exists():
         return
     link.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.symlink(source, link)
+        os.link(source, link)
     except OSError:
         shutil.copyfile(source, link)
 
@@ -111,7 +138,7 @@ def create_session(
         options.intra_op_num_threads = intra_op_threads
     providers = providers or ["CPUExecutionProvider"]
     start = time.perf_counter()
-    if _has_external_tensors(model):
+    if has_external_tensors(model):
         with model_on_disk(model) as path:
             inner = ort.InferenceSession(str(path), options, providers=providers)
     else:

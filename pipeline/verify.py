@@ -61,7 +61,7 @@ class Verifier:
             return Verdict(ok, stage, reason, time.perf_counter() - start, comparison)
 
         try:
-            onnx.checker.check_model(opaque_types.to_proto(model), full_check=False)
+            run_checker(model)
         except Exception as exc:
             return verdict("checker", f"ONNX checker: {_one_line(exc)}")
         if not self.can_run:
@@ -78,6 +78,16 @@ class Verifier:
         if not comparison.passed:
             return verdict("parity", comparison.summary(), comparison)
         return verdict("", "", comparison)
+
+
+def run_checker(model: ir.Model) -> None:
+    """The ONNX checker on ``model``; by file when it has external data (which the checker
+    resolves relative to the model file, and which must not be read into memory)."""
+    if runners.has_external_tensors(model):
+        with runners.model_on_disk(model) as path:
+            onnx.checker.check_model(str(path), full_check=False)
+    else:
+        onnx.checker.check_model(opaque_types.to_proto(model), full_check=False)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -170,3 +170,25 @@ def test_user_inputs_are_used(small_model: Path, tmp_path: Path) -> None:
     report = json.loads(report_path.read_text())
     assert report["inputs"]["source"] == "user"
     assert report["inputs"]["sets"] == [{"x": {"shape": [5, 4], "dtype": "float32"}}]
+
+
+def test_external_data_model_is_optimized_and_its_folder_left_clean(tmp_path: Path) -> None:
+    # ONNX Runtime refuses external data reached through links outside the model's folder;
+    # verification must still run, and leave no temporary file beside the user's data.
+    model = onnx.parser.parse_model(SMALL_MODEL)
+    weight = onnx.numpy_helper.from_array(np.arange(4, dtype=np.float32), "w_ext")
+    model.graph.initializer.append(weight)
+    model.graph.node.append(helper.make_node("Add", ["y", "w_ext"], ["z"]))
+    model.graph.output[0].name = "z"
+    folder = tmp_path / "in"
+    folder.mkdir()
+    source = folder / "ext.onnx"
+    onnx.save(model, source, save_as_external_data=True, location="ext.data", size_threshold=0)
+    listing = sorted(p.name for p in folder.iterdir())
+    out = tmp_path / "out.onnx"
+    proc = run_cli(source, "-o", out, "--no-speed-check", "--report", tmp_path / "r.json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["parity"]["passed"]
+    assert any(p["verification"] == "passed" for p in report["passes"])
+    assert sorted(p.name for p in folder.iterdir()) == listing
