@@ -8,6 +8,7 @@ test checks that every recipe's names resolve here.
 from __future__ import annotations
 
 from graph_passes.base import GraphPass
+from graph_passes.collapse_chains import CollapseChains
 from graph_passes.eliminate_common_subexpressions import EliminateCommonSubexpressions
 from graph_passes.fold_constants import FoldConstants
 from graph_passes.fold_shapes import FoldShapes
@@ -21,6 +22,7 @@ REGISTRY: dict[str, type[GraphPass]] = {
     FoldConstants.name: FoldConstants,
     LiftConstants.name: LiftConstants,
     RemoveNoops.name: RemoveNoops,
+    CollapseChains.name: CollapseChains,
     EliminateCommonSubexpressions.name: EliminateCommonSubexpressions,
     MergeDuplicateInitializers.name: MergeDuplicateInitializers,
     RemoveDead.name: RemoveDead,
