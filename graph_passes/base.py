@@ -9,10 +9,13 @@ shares tensors, to roll a bad pass back cheaply.
 
 from __future__ import annotations
 
+import logging
 from typing import ClassVar
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
+
+logger = logging.getLogger(__name__)
 
 
 class GraphPass(ir.passes.InPlacePass):
@@ -109,7 +112,10 @@ def infer_shapes(model: ir.Model) -> None:
     types and shapes are kept as they were: they are the model's contract with its caller.
     """
     outputs = [(v, v.type, v.shape) for g in model.graphs() for v in g.outputs]
-    common_passes.ShapeInferencePass(strict_mode=False, data_prop=True)(model)
+    try:
+        common_passes.ShapeInferencePass(strict_mode=False, data_prop=True)(model)
+    except ir.serde.SerdeError:  # inferred types onnx-ir cannot hold (maps): go without
+        logger.debug("shape inference result not representable; shapes left as they were")
     for value, type_, shape in outputs:
         if type_ is not None:
             value.type = type_

@@ -215,8 +215,16 @@ def generate_input_sets(
     sizes: dict[str, tuple[int, int]] = {}
     for spec in specs:
         for axis, dim in enumerate(spec.shape or ()):
-            if not isinstance(dim, int):
-                sizes.setdefault(_symbol_key(spec, axis, dim), _symbol_sizes(spec, axis, dim))
+            key = _symbol_key(spec, axis, dim)
+            if isinstance(dim, int) or key in sizes:
+                continue
+            pair = _symbol_sizes(spec, axis, dim)
+            # Distinct spatial symbols take the sizes in alternating order, so H and W differ
+            # within a set (a pass that confuses them is caught). Not batch or sequence:
+            # anonymous ones on different inputs often must agree.
+            if pair == SPATIAL_SIZES and sum(p in (pair, pair[::-1]) for p in sizes.values()) % 2:
+                pair = pair[::-1]
+            sizes[key] = pair
     sets = []
     for k in range(num_sets):
         feeds: Feeds = {}

@@ -8,15 +8,18 @@ path holds either the previous file or the complete new one, never a partial wri
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 
+from pipeline import opaque_types
 from pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -24,6 +27,10 @@ logger = logging.getLogger(__name__)
 # Above this many bytes of tensor data a model is saved with external data: a single
 # protobuf cannot exceed 2 GiB, and a margin keeps graph + attributes under the limit.
 EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
+MIN_IR_VERSION = 4
+# Keys in the main graph's ``meta`` (copied by Model.clone, never serialized).
+DECLARED_VALUE_INFO = "declared_value_info"
+LOAD_NOTES = "load_notes"
 
 
 def load_model(path: str | os.PathLike) -> ir.Model:
@@ -36,16 +43,64 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     if path.stat().st_size == 0:
         raise UserError(f"input model is an empty file: {path}")
     try:
-        model = ir.load(path)
+        proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises several unrelated types for bad bytes
         raise UserError(f"not a readable ONNX model: {path} ({_first_line(exc)})") from exc
+    stash = opaque_types.detach(proto)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as exc:
+        raise UserError(f"not a readable ONNX model: {path} ({_first_line(exc)})") from exc
+    del proto
+    ir.external_data.set_base_dir(model.graph, str(path.parent))
+    opaque_types.attach(model, stash)
     if len(model.graph) == 0 and not model.graph.outputs:
         raise UserError(f"file parses but holds no ONNX graph (not a model?): {path}")
     if not model.graph.outputs:
         raise UserError(f"model graph has no outputs, nothing to optimize: {path}")
     _check_external_data(model, path)
-    check_model(path)
+    try:
+        check_model(path)
+    except UserError as exc:
+        if _UNSORTED not in str(exc):
+            raise
+        _sort_and_check(model, path)
+    _raise_old_ir_version(model)
+    model.graph.meta[DECLARED_VALUE_INFO] = _described_values(model)
     return model
+
+
+def add_note(model: ir.Model, text: str) -> None:
+    """Record something the user should know about how the model was read (report warning)."""
+    model.graph.meta.setdefault(LOAD_NOTES, []).append(text)
+
+
+def load_notes(model: ir.Model) -> list[str]:
+    return list(model.graph.meta.get(LOAD_NOTES, []))
+
+
+def _raise_old_ir_version(model: ir.Model) -> None:
+    """IR version < 4 requires every initializer to be a graph input too, so any pass that
+    adds a weight would fail the checker. IR 4 only relaxed that rule, so raise to it."""
+    if model.ir_version < MIN_IR_VERSION:
+        add_note(model, f"IR version {model.ir_version} raised to {MIN_IR_VERSION}")
+        model.ir_version = MIN_IR_VERSION
+
+
+def _described_values(model: ir.Model) -> frozenset[str]:
+    """Names of intermediate values the input model gave a type or shape (its value_info)."""
+    return frozenset(
+        value.name
+        for graph in model.graphs()
+        for node in graph
+        for value in node.outputs
+        if value.name and (value.type is not None or value.shape is not None)
+    )
+
+
+# The checker's words for a node that uses a value no earlier node produced. ONNX Runtime
+# rejects such subgraphs too, but node order carries no meaning, so we sort instead.
+_UNSORTED = "must be topologically sorted"
 
 
 def check_model(path: Path) -> None:
@@ -54,6 +109,23 @@ def check_model(path: Path) -> None:
         onnx.checker.check_model(str(path), full_check=False)
     except Exception as exc:
         raise UserError(f"model fails the ONNX checker: {_first_line(exc)}") from exc
+
+
+def _sort_and_check(model: ir.Model, path: Path) -> None:
+    """Sort the main graph and every subgraph (stable), then check the sorted model.
+
+    Exporters and hand-edited models sometimes list nodes out of order, most often inside
+    If/Loop bodies. A value that no node produces still fails the check after sorting.
+    """
+    try:
+        model.graph.sort()  # sorts all subgraphs too
+    except ValueError as exc:  # a cycle
+        raise UserError(f"model fails the ONNX checker: {_first_line(exc)}") from exc
+    try:
+        onnx.checker.check_model(opaque_types.to_proto(model), full_check=False)
+    except Exception as exc:
+        raise UserError(f"model fails the ONNX checker: {_first_line(exc)}") from exc
+    add_note(model, "nodes were not in topological order; they were sorted")
 
 
 def _check_external_data(model: ir.Model, path: Path) -> None:
@@ -109,7 +181,11 @@ def save_model(
         raise UserError(f"cannot write to output folder {target_dir}: {exc.strerror}") from exc
     try:
         staged_model = staging / path.name
-        ir.save(model, staged_model, external_data=data_name)
+        with _only_declared_value_info(model):
+            ir.save(model, staged_model, external_data=data_name)
+        if opaque_types.has_opaque_types(model):
+            proto = onnx.load(str(staged_model), load_external_data=False)
+            onnx.save(opaque_types.restore(proto, model), str(staged_model))
         if data_name is not None:
             os.replace(staging / data_name, target_dir / data_name)
         os.replace(staged_model, path)
@@ -117,6 +193,42 @@ def save_model(
         raise UserError(f"cannot write output model {path}: {exc.strerror or exc}") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _only_declared_value_info(model: ir.Model) -> Iterator[None]:
+    """While saving, write ``value_info`` only where the input model had it.
+
+    onnx-ir writes an entry for every value with a type or shape: for every initializer
+    (repeating what the tensor says) and for every intermediate value that shape inference
+    (run by several passes) annotated. A quantized model with dozens of small scales grew
+    ~8% from that alone, so an "optimized" file came out larger than its input. ONNX Runtime
+    infers these itself at load. Types and shapes are cleared only during the save.
+    """
+    declared = model.graph.meta.get(DECLARED_VALUE_INFO)
+    cleared = []
+    for graph in model.graphs():
+        outputs = set(graph.outputs)
+        inputs = {value.name for value in graph.inputs}
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None or value.name in inputs or value.metadata_props or value.doc_string:
+                continue
+            if value.type != ir.TensorType(tensor.dtype) or value.shape != tensor.shape:
+                continue
+            cleared.append((value, value.type, value.shape))
+        if declared is not None:
+            for node in graph:
+                for value in node.outputs:
+                    if value not in outputs and value.name not in declared:
+                        cleared.append((value, value.type, value.shape))
+    for value, _, _ in cleared:
+        value.type, value.shape = None, None
+    try:
+        yield
+    finally:
+        for value, type_, shape in cleared:
+            value.type, value.shape = type_, shape
 
 
 def _first_line(exc: BaseException) -> str:

@@ -89,3 +89,12 @@ def test_user_data_npz_and_npy_folder(tmp_path: Path) -> None:
         inputs.load_user_inputs(tmp_path / "empty")
     with pytest.raises(UserError, match="not found"):
         inputs.load_user_inputs(tmp_path / "missing.npz")
+
+
+def test_distinct_dynamic_dims_of_one_kind_differ_within_a_set() -> None:
+    # H and W of an image (or two anonymous dims) must not be equal in a generated set, or a
+    # pass that swaps or confuses them (a Reshape to [N, C, H*H]) goes unnoticed.
+    for feeds in inputs.generate_input_sets(model_from_text(ENCODER)):
+        height, width = feeds["image"].shape[2:]
+        assert height != width
+        assert height % 32 == 0 and width % 32 == 0

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
@@ -94,3 +95,128 @@ def test_model_failing_checker_is_a_user_error(tmp_path: Path) -> None:
     onnx.save(model, path)
     with pytest.raises(UserError):
         load.load_model(path)
+
+
+def _loop_model(reverse_body: bool, reverse_main: bool = False) -> onnx.ModelProto:
+    body_nodes = [
+        helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        helper.make_node("Add", ["acc_in", "x"], ["sum"]),
+        helper.make_node("Relu", ["sum"], ["acc_out"]),
+    ]
+    body = helper.make_graph(
+        body_nodes[::-1] if reverse_body else body_nodes,
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [2]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [2]),
+        ],
+    )
+    nodes = [
+        helper.make_node("Loop", ["n", "t", "x"], ["acc"], body=body),
+        helper.make_node("Neg", ["acc"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes[::-1] if reverse_main else nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        [
+            onnx.numpy_helper.from_array(np.array(3, dtype=np.int64), "n"),
+            onnx.numpy_helper.from_array(np.array(True), "t"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("reverse_main", [False, True])
+def test_nodes_out_of_topological_order_are_sorted_not_rejected(
+    tmp_path: Path, reverse_main: bool
+) -> None:
+    # Node order carries no meaning; the checker and ONNX Runtime reject unsorted (sub)graphs,
+    # so loading sorts them (stably) instead of turning the user away.
+    path = tmp_path / "unsorted.onnx"
+    onnx.save(_loop_model(reverse_body=True, reverse_main=reverse_main), path)
+    with pytest.raises(onnx.checker.ValidationError, match="topologically sorted"):
+        onnx.checker.check_model(str(path))
+    model = load.load_model(path)
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    assert [n.op_type for n in model.graph] == ["Loop", "Neg"]
+    body = [n.op_type for n in model.graph.node(0).attributes["body"].as_graph()]
+    assert sorted(body) == ["Add", "Identity", "Relu"]
+    assert body.index("Add") < body.index("Relu")
+
+
+def test_sorting_does_not_hide_an_undefined_value(tmp_path: Path) -> None:
+    proto = _loop_model(reverse_body=True)
+    proto.graph.node[1].input[0] = "nowhere"
+    path = tmp_path / "bad.onnx"
+    onnx.save(proto, path)
+    with pytest.raises(UserError, match="fails the ONNX checker"):
+        load.load_model(path)
+
+
+def test_map_typed_output_survives_load_and_save(tmp_path: Path) -> None:
+    # onnx-ir cannot represent map types (scikit-learn's ZipMap output is seq(map)); they are
+    # carried around it and must come back exactly, or ORT rejects the file ("Invalid tensor
+    # data type 0").
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "ZipMap", ["p"], ["probs"], domain="ai.onnx.ml", classlabels_int64s=[0, 1]
+            )
+        ],
+        "g",
+        [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 2])],
+        [
+            helper.make_value_info(
+                "probs",
+                helper.make_sequence_type_proto(
+                    helper.make_map_type_proto(
+                        TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, None)
+                    )
+                ),
+            )
+        ],
+    )
+    proto = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)],
+        ir_version=8,
+    )
+    onnx.checker.check_model(proto, full_check=True)
+    path = tmp_path / "zipmap.onnx"
+    onnx.save(proto, path)
+    model = load.load_model(path)
+    out = tmp_path / "out.onnx"
+    load.save_model(model, out)
+    saved = onnx.load(out)
+    assert saved.graph.output[0].type == proto.graph.output[0].type
+    onnx.checker.check_model(saved, full_check=True)
+    session = ort.InferenceSession(str(out))
+    result = session.run(None, {"p": np.array([[0.25, 0.75]], dtype=np.float32)})[0]
+    assert result == [{0: 0.25, 1: 0.75}]
+
+
+def test_save_writes_no_value_info_for_initializers(tmp_path: Path) -> None:
+    # onnx-ir repeats every initializer's dtype and dims in value_info; for a quantized model
+    # full of small scales that made a load + save with no change ~8% larger than its input.
+    proto = _model_with_weight()
+    for i in range(20):
+        proto.graph.initializer.append(
+            onnx.numpy_helper.from_array(np.array(0.5, dtype=np.float32), f"scale_{i}")
+        )
+    source, target = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(proto, source)
+    model = load.load_model(source)
+    before = {v.name: (v.type, v.shape) for v in model.graph.initializers.values()}
+    load.save_model(model, target)
+    saved = onnx.load(target)
+    assert list(saved.graph.value_info) == []
+    assert target.stat().st_size <= source.stat().st_size
+    assert {v.name: (v.type, v.shape) for v in model.graph.initializers.values()} == before
+    assert before["w"][0] == ir.TensorType(ir.DataType.FLOAT)
