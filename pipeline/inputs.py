@@ -237,7 +237,7 @@ def generate_input_sets(
                     for a, d in enumerate(spec.shape)
                 )
             high = bounds.get(spec.name, DEFAULT_INT_HIGH)
-            feeds[spec.name] = _fill(spec, shape, rng, high, set_index=k)
+            feeds[spec.name] = np.asarray(_fill(spec, shape, rng, high, set_index=k))
         sets.append(feeds)
     return sets
 
@@ -251,8 +251,11 @@ def minimal_input_set(
     rng = np.random.default_rng(seed)
     feeds: Feeds = {}
     for spec in specs:
-        shape = tuple(d if isinstance(d, int) else 1 for d in (spec.shape or (1,)))
-        feeds[spec.name] = _fill(spec, shape, rng, bounds.get(spec.name, DEFAULT_INT_HIGH), 0)
+        dims = (1,) if spec.shape is None else spec.shape  # () is a scalar, not unknown
+        shape = tuple(d if isinstance(d, int) else 1 for d in dims)
+        feeds[spec.name] = np.asarray(
+            _fill(spec, shape, rng, bounds.get(spec.name, DEFAULT_INT_HIGH), 0)
+        )
     return feeds
 
 

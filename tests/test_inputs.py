@@ -11,15 +11,19 @@ from graph_passes.testing import model_from_text
 from pipeline import inputs
 from pipeline.errors import UserError
 
-ENCODER = """
+ENCODER = (
+    """
 <ir_version: 8, opset_import: ["" : 17]>
 g (int64[batch, seq] input_ids, int64[batch, seq] attention_mask, float[batch, 3, H, W] image)
   => (float[batch, seq, 4] y, float[batch, 3, H, W] z) {
-  table = Constant<value = float[30, 4] {""" + ", ".join(["0.5"] * 120) + """}>()
+  table = Constant<value = float[30, 4] {"""
+    + ", ".join(["0.5"] * 120)
+    + """}>()
   y = Gather<axis = 0>(table, input_ids)
   z = Relu(image)
 }
 """
+)
 
 
 def test_every_dynamic_dim_takes_two_sizes_and_batch_above_one() -> None:
@@ -42,7 +46,8 @@ def test_ids_stay_inside_the_gathered_table() -> None:
 
 def test_masks_cover_right_left_padding_and_holes() -> None:
     rows = [
-        row for feeds in inputs.generate_input_sets(model_from_text(ENCODER))
+        row
+        for feeds in inputs.generate_input_sets(model_from_text(ENCODER))
         for row in feeds["attention_mask"]
     ]
     kinds = set()
@@ -98,3 +103,24 @@ def test_distinct_dynamic_dims_of_one_kind_differ_within_a_set() -> None:
         height, width = feeds["image"].shape[2:]
         assert height != width
         assert height % 32 == 0 and width % 32 == 0
+
+
+def test_scalar_inputs_are_arrays_onnx_runtime_accepts() -> None:
+    # numpy on shape () gives numpy scalars, which ORT rejects for bool
+    # ("Unable to handle object of type <class 'numpy.bool'>").
+    import onnx
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    scalars = [("flag", TensorProto.BOOL), ("n", TensorProto.INT64), ("x", TensorProto.FLOAT)]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info(name, kind, []) for name, kind in scalars],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+    )
+    model = ir.from_proto(
+        helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    )
+    for feeds in [*inputs.generate_input_sets(model), inputs.minimal_input_set(model)]:
+        assert all(isinstance(v, np.ndarray) and v.shape == () for v in feeds.values())
