@@ -9,7 +9,8 @@ medians are reported with their ratio. Writes a Markdown table to stdout and, wi
 
     python scripts/bench_passes.py [MODEL.onnx ...] [--repeats 5] [--write]
 
-With no model given, all-MiniLM-L6-v2 is exported (torch legacy and optimum) into artifacts/.
+With no model given, all-MiniLM-L6-v2 is exported (torch legacy and dynamo exporters) into
+artifacts/bench/.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def default_models() -> list[Path]:
     folder = ROOT / "artifacts" / "bench"
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for exporter in ("torch-legacy", "optimum"):
+    for exporter in ("torch-legacy", "torch-dynamo"):
         path = folder / f"minilm-{exporter}.onnx"
         if not path.exists():
             export_minilm(path, exporter=exporter)
