@@ -70,6 +70,22 @@ def can_replace(old: ir.Value, new: ir.Value) -> bool:
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 
+# Ops whose every call draws fresh random numbers, in any domain (com.microsoft has the
+# dropout variants; a custom op with one of these names is assumed random too).
+NON_DETERMINISTIC_OPS = frozenset(
+    {
+        "RandomNormal",
+        "RandomUniform",
+        "RandomNormalLike",
+        "RandomUniformLike",
+        "Multinomial",
+        "Bernoulli",
+        "BiasDropout",
+        "BitmaskDropout",
+        "BitmaskBiasDropout",
+    }
+)
+
 
 def is_standard(node: ir.Node) -> bool:
     """True for nodes of the default ONNX operator set (not ai.onnx.ml, not custom ops)."""

@@ -7,25 +7,9 @@ from collections.abc import Hashable
 
 import onnx_ir as ir
 
-from graph_passes.base import GraphPass, can_replace, replace_value
+from graph_passes.base import NON_DETERMINISTIC_OPS, GraphPass, can_replace, replace_value
 
 logger = logging.getLogger(__name__)
-
-# Ops whose every call draws fresh random numbers, in any domain (com.microsoft has the
-# dropout variants; a custom op with one of these names is assumed random too).
-NON_DETERMINISTIC_OPS = frozenset(
-    {
-        "RandomNormal",
-        "RandomUniform",
-        "RandomNormalLike",
-        "RandomUniformLike",
-        "Multinomial",
-        "Bernoulli",
-        "BiasDropout",
-        "BitmaskDropout",
-        "BitmaskBiasDropout",
-    }
-)
 
 # Tensor attributes (Constant values) with more elements than this are not compared: their
 # bytes would be held in the lookup table. Big equal weights are MergeDuplicateInitializers'.

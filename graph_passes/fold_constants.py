@@ -36,27 +36,21 @@ import math
 import onnx_ir as ir
 
 from graph_passes import _constant_eval
-from graph_passes.base import GraphPass, constant_tensor, is_standard
+from graph_passes.base import NON_DETERMINISTIC_OPS, GraphPass, constant_tensor, is_standard
 
 logger = logging.getLogger(__name__)
 
 SMALL_BYTES = 1024  # any folded value up to this size is accepted
 
-NEVER_FOLD = frozenset(
-    {
-        "Constant",
-        "RandomNormal",
-        "RandomUniform",
-        "RandomNormalLike",
-        "RandomUniformLike",
-        "Multinomial",
-        "Bernoulli",
-        "Dropout",
-        "DequantizeLinear",
-        "QuantizeLinear",
-        "DynamicQuantizeLinear",
-    }
-)
+# Random ops (fresh values per run), Dropout (random in training mode), Constant (already a
+# constant) and quantization ops (QDQ pairs must survive for ORT's int8 kernels).
+NEVER_FOLD = NON_DETERMINISTIC_OPS | {
+    "Constant",
+    "Dropout",
+    "DequantizeLinear",
+    "QuantizeLinear",
+    "DynamicQuantizeLinear",
+}
 
 _SUBGRAPH_ATTRS = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
 

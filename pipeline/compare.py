@@ -139,7 +139,7 @@ class OutputComparison:
 
     def to_dict(self) -> dict:
         """JSON-able: Python scalars only; non-finite floats become "inf"/"-inf"/"nan"."""
-        return _jsonable(dataclasses.asdict(self))
+        return to_jsonable(dataclasses.asdict(self))
 
 
 @dataclass(frozen=True)
@@ -200,11 +200,12 @@ def _severity(output: OutputComparison) -> float:
     return math.inf if output.max_abs_error is None else output.max_abs_error
 
 
-def _jsonable(value: object) -> object:
+def to_jsonable(value: object) -> object:
+    """Plain JSON types: numpy scalars unwrapped, non-finite floats as strings."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [to_jsonable(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):

@@ -22,6 +22,7 @@ import onnx_ir as ir
 import onnxruntime
 
 import pipeline
+from pipeline.compare import to_jsonable
 from pipeline.errors import UserError
 from pipeline.load import tensor_bytes
 from pipeline.pass_manager import count_nodes
@@ -121,19 +122,7 @@ class Report:
     versions: dict[str, str] = field(default_factory=versions)
 
     def to_dict(self) -> dict:
-        return _jsonable(dataclasses.asdict(self))
-
-
-def _jsonable(value: object) -> object:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return str(value)
-    return value
+        return to_jsonable(dataclasses.asdict(self))
 
 
 def write_report(report: Report, path: Path) -> None:
