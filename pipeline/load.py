@@ -46,11 +46,13 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises several unrelated types for bad bytes
         raise UserError(f"not a readable ONNX model: {path} ({_first_line(exc)})") from exc
+    if proto.HasField("graph"):
+        _raise_duplicate_outputs(proto.graph, path)
     stash = opaque_types.detach(proto)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:
-        raise UserError(f"not a readable ONNX model: {path} ({_first_line(exc)})") from exc
+        raise UserError(f"not a readable ONNX model: {path} ({_root_cause(exc)})") from exc
     del proto
     ir.external_data.set_base_dir(model.graph, str(path.parent))
     opaque_types.attach(model, stash)
@@ -68,6 +70,29 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     _raise_old_ir_version(model)
     model.graph.meta[DECLARED_VALUE_INFO] = _described_values(model)
     return model
+
+
+def _raise_duplicate_outputs(graph: onnx.GraphProto, path: Path) -> None:
+    """Two nodes writing one value name make the graph meaningless; name the value and nodes.
+
+    Each graph is its own scope (a subgraph may reuse a name from its parent's nodes).
+    """
+    producers: dict[str, str] = {value.name: "a graph input" for value in graph.input}
+    for node in graph.node:
+        here = f"{node.op_type} node '{node.name}'" if node.name else f"a {node.op_type} node"
+        for name in node.output:
+            if not name:
+                continue
+            if name in producers:
+                raise UserError(
+                    f"value '{name}' is written twice, by {producers[name]} and by {here} "
+                    f"(duplicate value names; graph '{graph.name}'): {path}"
+                )
+            producers[name] = here
+        for attribute in node.attribute:
+            subgraphs = [*attribute.graphs, *([attribute.g] if attribute.HasField("g") else [])]
+            for sub in subgraphs:
+                _raise_duplicate_outputs(sub, path)
 
 
 def add_note(model: ir.Model, text: str) -> None:
@@ -120,12 +145,48 @@ def _sort_and_check(model: ir.Model, path: Path) -> None:
     try:
         model.graph.sort()  # sorts all subgraphs too
     except ValueError as exc:  # a cycle
-        raise UserError(f"model fails the ONNX checker: {_first_line(exc)}") from exc
+        raise UserError(
+            f"model graph has a cycle through {_cycle_nodes(model.graph)}: {path}"
+        ) from exc
     try:
         onnx.checker.check_model(opaque_types.to_proto(model), full_check=False)
     except Exception as exc:
         raise UserError(f"model fails the ONNX checker: {_first_line(exc)}") from exc
     add_note(model, "nodes were not in topological order; they were sorted")
+
+
+def _cycle_nodes(graph: ir.Graph, limit: int = 4) -> str:
+    """Describe the nodes that lie on a cycle of ``graph`` (for the error message).
+
+    Nodes are peeled off from both ends (no producer left, then no consumer left); what
+    remains is the cycles themselves. A cycle inside a subgraph is reported as 'a subgraph'.
+    """
+    nodes = list(graph)
+    inside = set(nodes)
+
+    def preds(node: ir.Node) -> set[ir.Node]:
+        return {v.producer() for v in node.inputs if v is not None and v.producer() in inside}
+
+    def succs(node: ir.Node) -> set[ir.Node]:
+        return {user for v in node.outputs for user, _ in v.uses() if user in inside}
+
+    for neighbours in (preds, succs):
+        changed = True
+        while changed:
+            changed = False
+            for node in list(inside):
+                if not neighbours(node):
+                    inside.discard(node)
+                    changed = True
+    if not inside:
+        return "a subgraph"
+    on_cycle = [n for n in nodes if n in inside]
+    names = [
+        f"{n.op_type} '{n.name or (n.outputs[0].name if n.outputs else '?')}'"
+        for n in on_cycle[:limit]
+    ]
+    more = f" and {len(on_cycle) - limit} more" if len(on_cycle) > limit else ""
+    return "nodes " + ", ".join(names) + more
 
 
 def _check_external_data(model: ir.Model, path: Path) -> None:
@@ -229,6 +290,13 @@ def _only_declared_value_info(model: ir.Model) -> Iterator[None]:
     finally:
         for value, type_, shape in cleared:
             value.type, value.shape = type_, shape
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The first line of the innermost cause (onnx-ir wraps the useful message)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:

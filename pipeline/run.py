@@ -11,12 +11,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import onnx_ir as ir
+import onnxruntime as ort
 
 from pipeline import inputs as inputs_mod
 from pipeline import runners
@@ -67,12 +70,21 @@ def _check_paths(options: RunOptions) -> None:
     if target.exists() and target.is_dir():
         raise UserError(f"output path is a directory: {target}")
     if source.exists() and target.exists() and source.resolve() == target.resolve():
-        raise UserError("output path is the input path; the input model is never overwritten")
+        raise UserError(
+            f"output path is the input path ({target}); the input model is never overwritten"
+        )
+    if target.exists() and not target.is_file():  # /dev/null, a FIFO: never rename over one
+        raise UserError(f"output path exists and is not a regular file: {target}")
     folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():  # fail before the expensive work, not at save time
+    for parent in (folder, *folder.parents):  # fail before the expensive work, not at save
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"output folder is not a folder: {parent} is a file")
+    if not folder.is_dir():
         raise UserError(f"output folder does not exist: {folder}")
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"output folder is not writable: {folder}")
+    try:  # root passes os.access everywhere; /proc and read-only mounts refuse a real write
+        os.rmdir(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
+    except OSError as exc:
+        raise UserError(f"cannot write to output folder {folder}: {exc.strerror or exc}") from exc
 
 
 def _reference_run(
@@ -89,7 +101,7 @@ def _reference_run(
     try:
         session = runners.create_session(model, optimization="disable_all")
     except Exception as exc:
-        return _unverifiable(options, report, sets, source, f"cannot load it: {exc}")
+        return _unverifiable(options, report, sets, source, f"cannot load it: {_ort_reason(exc)}")
     try:
         outputs = runners.run_all(session, sets)
     except Exception as exc:
@@ -99,7 +111,9 @@ def _reference_run(
         try:
             outputs = runners.run_all(session, fallback)
         except Exception as exc2:
-            return _unverifiable(options, report, sets, source, f"cannot run it: {exc2}")
+            return _unverifiable(
+                options, report, sets, source, f"cannot run it: {_ort_reason(exc2)}"
+            )
         report.warnings.append(
             "the model failed on inputs with varied dynamic sizes; verified with every "
             f"dynamic dimension at 1 only ({_line(exc)}). Pass --inputs or --input-shape "
@@ -120,6 +134,36 @@ def _unverifiable(options, report, sets, source, reason):
     report.warnings.append(f"{message}; passes were verified by the ONNX checker only")
     report.inputs = _describe_inputs(sets, source)
     return sets, None
+
+
+# ONNX Runtime's load errors carry a prefix, a C++ source location and a function signature
+# before the words that matter; two common ones are rewritten to name both versions.
+_ORT_PREFIX = re.compile(
+    r"\[ONNXRuntimeError\] : \d+ : \w+ : "
+    r"|Load model from .*? failed:"
+    r"|\S+\.(?:h|cc|cpp):\d+ \S+?\(.*?\) "
+)
+_ORT_IR = re.compile(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)")
+_ORT_OPSET = re.compile(
+    r"Opset (\d+) is under development.*?support for domain (\S+) is till opset (\d+)", re.S
+)
+
+
+def _ort_reason(exc: BaseException) -> str:
+    text = str(exc)
+    if match := _ORT_IR.search(text):
+        model_ir, max_ir = match.groups()
+        return (
+            f"the model's IR version {model_ir} is newer than ONNX Runtime {ort.__version__} "
+            f"supports (at most IR version {max_ir}); save it with ir_version <= {max_ir}"
+        )
+    if match := _ORT_OPSET.search(text):
+        opset, domain, max_opset = match.groups()
+        return (
+            f"the model imports opset {opset} of domain {domain}, newer than ONNX Runtime "
+            f"{ort.__version__} supports (at most opset {max_opset})"
+        )
+    return _ORT_PREFIX.sub("", text).strip()
 
 
 def _describe_inputs(sets: list[inputs_mod.Feeds], source: str) -> dict:
