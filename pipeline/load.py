@@ -9,6 +9,7 @@ path holds either the previous file or the complete new one, never a partial wri
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -223,9 +224,13 @@ def save_model(
 ) -> None:
     """Write ``model`` to ``path`` atomically, with external data when large or asked.
 
-    The model and any external-data file are written into a temporary folder in the target's
-    directory, then renamed into place, data file first, so a reader never sees a model whose
-    data is missing. ``external_data=None`` decides by size.
+    Everything is written into a temporary folder in the target's directory and renamed into
+    place, so the target path holds the previous model or the complete new one. External
+    data goes to ``OUT.<content hash>.data``: a new model never reads an old data file nor
+    an old model a new one, whatever moment a crash hits, and identical weights give
+    identical names (runs stay byte-identical). The previous model's data file is removed
+    once the new model is in place. ``external_data=None`` keeps data external when the
+    model's weights are large or already were external.
     """
     path = Path(path)
     target_dir = path.parent if str(path.parent) else Path(".")
@@ -233,27 +238,85 @@ def save_model(
         raise UserError(f"output folder does not exist: {target_dir}")
     if not os.access(target_dir, os.W_OK):
         raise UserError(f"output folder is not writable: {target_dir}")
+    has_external = any(
+        isinstance(v.const_value, ir.ExternalTensor)
+        for g in model.graphs()
+        for v in g.initializers.values()
+    )
     if external_data is None:
-        external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
-    data_name = path.name + ".data" if external_data else None
+        external_data = has_external or tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
+    if not external_data and has_external:
+        ir.external_data.load_to_model(model)  # or the file would point at the input's data
+    previous_data = _own_data_files(path)
     try:
         staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target_dir))
     except OSError as exc:
         raise UserError(f"cannot write to output folder {target_dir}: {exc.strerror}") from exc
     try:
         staged_model = staging / path.name
+        staged_data = "staged.data" if external_data else None
         with _only_declared_value_info(model):
-            ir.save(model, staged_model, external_data=data_name)
-        if opaque_types.has_opaque_types(model):
+            ir.save(model, staged_model, external_data=staged_data)
+        data_name = None
+        if staged_data is not None:
+            digest = file_sha256(staging / staged_data)[:12]
+            data_name = f"{path.name}.{digest}.data"
+        if data_name is not None or opaque_types.has_opaque_types(model):
             proto = onnx.load(str(staged_model), load_external_data=False)
+            _relocate_external_data(proto, data_name)
             onnx.save(opaque_types.restore(proto, model), str(staged_model))
         if data_name is not None:
-            os.replace(staging / data_name, target_dir / data_name)
+            os.replace(staging / staged_data, target_dir / data_name)
         os.replace(staged_model, path)
     except OSError as exc:
         raise UserError(f"cannot write output model {path}: {exc.strerror or exc}") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    for old in previous_data - {data_name}:
+        (target_dir / old).unlink(missing_ok=True)
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in blocks (weights files can be many GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def referenced_data_files(path: Path) -> set[str]:
+    """External-data locations the model file at ``path`` refers to (empty if none/unreadable)."""
+    if not path.is_file():
+        return set()
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return set()
+    return {
+        entry.value
+        for tensor in onnx.external_data_helper._get_all_tensors(proto)
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+
+
+def _own_data_files(path: Path) -> set[str]:
+    """Data files of the model now at ``path`` that a save of ours wrote (``NAME.*.data``)."""
+    return {
+        name
+        for name in referenced_data_files(path)
+        if "/" not in name and name.startswith(path.name + ".") and name.endswith(".data")
+    }
+
+
+def _relocate_external_data(proto: onnx.ModelProto, data_name: str | None) -> None:
+    if data_name is None:
+        return
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = data_name
 
 
 @contextlib.contextmanager

@@ -12,6 +12,12 @@ Two verification strategies, same guarantee:
 
 Snapshots are ``Model.clone()``: graphs are copied, tensors are shared, which is why passes
 must never mutate a tensor in place.
+
+Memory: onnx-ir memory-maps an external tensor the first time a pass reads it and keeps the
+mapping (resident, counted in the process's RSS) for as long as the tensor lives, and
+snapshots keep even removed tensors alive. On a multi-GB model that is a second copy of the
+weights next to the one the verification session holds, so every mapping a pass opened is
+closed again right after the pass (the next read maps it anew, from the page cache).
 """
 
 from __future__ import annotations
@@ -63,6 +69,24 @@ def count_nodes(model: ir.Model) -> int:
     return sum(len(graph) for graph in model.graphs())
 
 
+def _external_tensors(model: ir.Model) -> list[ir.ExternalTensor]:
+    return [
+        value.const_value
+        for graph in model.graphs()
+        for value in graph.initializers.values()
+        if isinstance(value.const_value, ir.ExternalTensor)
+    ]
+
+
+def release_mappings(tensors: list[ir.ExternalTensor]) -> None:
+    """Close the memory maps of ``tensors``; data is mapped again when next read."""
+    for tensor in tensors:
+        try:
+            tensor.release()
+        except BufferError:  # someone still holds an array over the mapping: keep it
+            logger.debug("mapping of %s still in use; not released", tensor.name)
+
+
 def _sort_all(model: ir.Model) -> None:
     for graph in model.graphs():
         graph.sort()
@@ -108,6 +132,7 @@ class VerifiedPassManager:
         """Apply a pass in place; returns its record and whether it raised."""
         pass_ = self.pass_factory(name)
         before = count_nodes(model)
+        mapped = _external_tensors(model)
         start = time.perf_counter()
         try:
             modified = pass_(model).modified
@@ -120,6 +145,8 @@ class VerifiedPassManager:
                 name, iteration, False, before, before, seconds, 0, "rolled_back", reason
             )
             return record, True
+        finally:
+            release_mappings(mapped + _external_tensors(model))
         seconds = time.perf_counter() - start
         record = PassRecord(
             name,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import json
 import os
 import platform
@@ -24,7 +23,7 @@ import onnxruntime
 import pipeline
 from pipeline.compare import to_jsonable
 from pipeline.errors import UserError
-from pipeline.load import tensor_bytes
+from pipeline.load import file_sha256, referenced_data_files, tensor_bytes
 from pipeline.pass_manager import count_nodes
 
 SCHEMA_VERSION = "1.0"
@@ -54,14 +53,6 @@ def _value_facts(value: ir.Value) -> dict:
     return {"name": value.name, "type": str(value.type) if value.type else None, "shape": shape}
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def model_facts(model: ir.Model, path: Path | None) -> ModelFacts:
     histogram: collections.Counter[str] = collections.Counter()
     for graph in model.graphs():
@@ -71,9 +62,10 @@ def model_facts(model: ir.Model, path: Path | None) -> ModelFacts:
             )
             histogram[key] += 1
     size = path.stat().st_size if path is not None and path.exists() else 0
-    data_file = Path(str(path) + ".data") if path is not None else None
-    if data_file is not None and data_file.exists():
-        size += data_file.stat().st_size
+    if path is not None:
+        for name in referenced_data_files(path):
+            data_file = path.parent / name
+            size += data_file.stat().st_size if data_file.is_file() else 0
     return ModelFacts(
         path=str(path) if path is not None else "",
         size_bytes=size,

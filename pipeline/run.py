@@ -26,10 +26,10 @@ from pipeline import runners
 from pipeline.benchmark import compare_latency
 from pipeline.compare import Tolerance
 from pipeline.errors import UserError, VerificationFailed
-from pipeline.load import load_model, load_notes, save_model, tensor_bytes
+from pipeline.load import file_sha256, load_model, load_notes, save_model, tensor_bytes
 from pipeline.pass_manager import AUTO_END_VERIFY_BYTES, PassRecord, VerifiedPassManager
 from pipeline.recipe import Recipe
-from pipeline.report import Report, file_sha256, model_facts
+from pipeline.report import Report, model_facts
 from pipeline.verify import Verifier
 
 logger = logging.getLogger(__name__)

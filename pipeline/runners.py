@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -86,7 +87,9 @@ def model_on_disk(model: ir.Model) -> Iterator[Path]:
     folders = _external_folders(model)
     small = proto.ByteSize() < 1_900_000_000
     if small and len(folders) == 1 and os.access(next(iter(folders)), os.W_OK):
-        fd, name = tempfile.mkstemp(prefix=".ovo-run-", suffix=".onnx", dir=next(iter(folders)))
+        folder = next(iter(folders))
+        _remove_stale_temp_models(folder)
+        fd, name = tempfile.mkstemp(prefix=_temp_prefix(), suffix=".onnx", dir=folder)
         path = Path(name)
         try:
             with os.fdopen(fd, "wb") as handle:
@@ -109,6 +112,38 @@ def model_on_disk(model: ir.Model) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+# Temporary models written beside the user's external data are named
+# ``.ovo-run-<host>-<pid>-<random>.onnx``: a process killed while ONNX Runtime loads one
+# cannot remove it, so the next run in that folder removes those whose process is gone.
+_TEMP_PREFIX = ".ovo-run-"
+
+
+def _temp_prefix() -> str:
+    return f"{_TEMP_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+
+
+def _remove_stale_temp_models(folder: Path) -> None:
+    """Delete temporary models left in ``folder`` by killed runs on this host."""
+    host = socket.gethostname()
+    for path in folder.glob(f"{_TEMP_PREFIX}*.onnx"):
+        owner, _, rest = path.name[len(_TEMP_PREFIX) :].rpartition("-")
+        found_host, _, pid = owner.rpartition("-")
+        if found_host != host or not pid.isdigit() or not rest or _alive(int(pid)):
+            continue
+        logger.info("removing %s, left by a killed run", path)
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _link_external_file(tensor: ir.ExternalTensor, scratch: Path) -> None:

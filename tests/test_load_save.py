@@ -59,7 +59,9 @@ def test_external_data_loads_lazily_and_saves_on_request(tmp_path: Path) -> None
     assert isinstance(weight, ir.ExternalTensor)
     target = tmp_path / "out.onnx"
     load.save_model(model, target, external_data=True)
-    assert (tmp_path / "out.onnx.data").stat().st_size == 4096 * 4
+    (data_name,) = load.referenced_data_files(target)
+    assert data_name.startswith("out.onnx.") and data_name.endswith(".data")
+    assert (tmp_path / data_name).stat().st_size == 4096 * 4
     reloaded = onnx.load(target)
     np.testing.assert_array_equal(
         onnx.numpy_helper.to_array(reloaded.graph.initializer[0]), np.arange(4096, dtype=np.float32)
@@ -68,8 +70,47 @@ def test_external_data_loads_lazily_and_saves_on_request(tmp_path: Path) -> None
         "in.data",
         "in.onnx",
         "out.onnx",
-        "out.onnx.data",
+        data_name,
     ]
+
+
+def test_small_model_with_external_input_data_is_saved_self_contained(tmp_path: Path) -> None:
+    # The output must never point at the input's data file: saved elsewhere it would not
+    # load, saved beside it, it would silently depend on it.
+    folder = tmp_path / "in"
+    folder.mkdir()
+    source = folder / "in.onnx"
+    onnx.save(
+        _model_with_weight(64),
+        source,
+        save_as_external_data=True,
+        location="in.data",
+        size_threshold=0,
+    )
+    elsewhere = tmp_path / "out"
+    elsewhere.mkdir()
+    for external_data in (None, False):
+        target = elsewhere / f"out-{external_data}.onnx"
+        load.save_model(load.load_model(source), target, external_data=external_data)
+        assert not any(name.startswith("in.") for name in load.referenced_data_files(target))
+        reloaded = onnx.load(target)  # resolves external data beside the output only
+        np.testing.assert_array_equal(
+            onnx.numpy_helper.to_array(reloaded.graph.initializer[0]), np.arange(64)
+        )
+
+
+def test_resaving_replaces_the_data_file_and_never_pairs_old_and_new(tmp_path: Path) -> None:
+    target = tmp_path / "out.onnx"
+    first = ir.from_proto(_model_with_weight(256))
+    load.save_model(first, target, external_data=True)
+    (old_data,) = load.referenced_data_files(target)
+    second = ir.from_proto(_model_with_weight(512))
+    load.save_model(second, target, external_data=True)
+    (new_data,) = load.referenced_data_files(target)
+    assert new_data != old_data  # content-named: a crash between renames mixes nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", new_data]
+    load.save_model(ir.from_proto(_model_with_weight(512)), target, external_data=True)
+    assert load.referenced_data_files(target) == {new_data}  # same weights, same name
 
 
 def test_failed_save_leaves_previous_file_and_no_debris(tmp_path: Path, monkeypatch) -> None:
