@@ -59,6 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import onnx_ir as ir  # noqa: E402
 
 import graph_passes  # noqa: E402
@@ -134,6 +135,7 @@ class ModelSource:
     path: Path | None
     status: str = "ok"  # ok | export_failed
     message: str = ""
+    inputs: Path | None = None  # a folder of .npz input sets (the zoo entry's own inputs)
 
 
 def _sources_from_manifest(manifest: dict, folder: Path) -> list[ModelSource]:
@@ -146,11 +148,33 @@ def _sources_from_manifest(manifest: dict, folder: Path) -> list[ModelSource]:
         file = entry.get("file")
         path = folder / file if file else None
         if status in ("ok", "skipped") and path is not None and path.is_file():
-            sources.append(ModelSource(name, path))
+            tiny = bool((entry.get("export") or {}).get("tiny"))
+            inputs = _zoo_inputs(name, tiny, folder) if entry.get("source") == "zoo" else None
+            sources.append(ModelSource(name, path, inputs=inputs))
         else:
             reason = entry.get("error") or entry.get("reason") or f"export status {status}"
             sources.append(ModelSource(name, None, "export_failed", _line(reason)))
     return sources
+
+
+def _zoo_inputs(name: str, tiny: bool, folder: Path) -> Path | None:
+    """Write the zoo entry's own input sets (the shapes its export was validated on) as .npz.
+
+    Generic generated inputs cannot know a decoder's rule that the attention mask spans past
+    plus new tokens; the entry's example inputs do, so verification uses them.
+    """
+    try:
+        from models.export import VALIDATION_SHAPES
+        from models.zoo import ZOO
+    except ImportError:
+        return None
+    if name not in ZOO:
+        return None
+    target = folder / "inputs" / name
+    target.mkdir(parents=True, exist_ok=True)
+    for index, (batch, seq) in enumerate(VALIDATION_SHAPES):
+        np.savez(target / f"set{index}.npz", **ZOO[name].example_inputs(tiny, batch, seq))
+    return target
 
 
 def _export_zoo(names: list[str] | None, out: Path, tiny: bool) -> list[ModelSource]:
@@ -262,7 +286,10 @@ def optimize_one(source: ModelSource, recipe: Recipe, out: Path) -> dict:
     (out / "reports").mkdir(parents=True, exist_ok=True)
     stem = f"{source.name}.{recipe.name}"
     options = RunOptions(
-        input_path=source.path, output_path=out / "optimized" / f"{stem}.onnx", recipe=recipe
+        input_path=source.path,
+        output_path=out / "optimized" / f"{stem}.onnx",
+        recipe=recipe,
+        inputs_path=source.inputs,
     )
     sink: list[Report] = []
     started = time.perf_counter()
