@@ -177,7 +177,13 @@ def _zoo_inputs(name: str, tiny: bool, folder: Path) -> Path | None:
     return target
 
 
-def _export_zoo(names: list[str] | None, out: Path, tiny: bool) -> list[ModelSource]:
+def _export_zoo(
+    names: list[str] | None,
+    out: Path,
+    tiny: bool,
+    executor: str = "local",
+    address: str | None = None,
+) -> list[ModelSource]:
     try:
         from models.export import list_models
     except ImportError as exc:
@@ -198,7 +204,9 @@ def _export_zoo(names: list[str] | None, out: Path, tiny: bool) -> list[ModelSou
     folder.mkdir(parents=True, exist_ok=True)
     # export_all writes folder/manifest.json itself and keeps records of models not in this
     # run, so only the chosen ones are taken from it.
-    manifest = export_all(chosen, folder, tiny=tiny, jobs=2, progress=False)
+    manifest = export_all(
+        chosen, folder, tiny=tiny, jobs=2, progress=False, executor=executor, address=address
+    )
     models = {n: r for n, r in manifest.get("models", {}).items() if n in chosen}
     missing = {n: {"status": "failed", "error": "not in the export manifest"} for n in chosen}
     return _sources_from_manifest({"models": {**missing, **models}}, folder)
@@ -533,6 +541,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"models/kinds.py builders instead of the zoo ('all' = {','.join(KIND_NAMES)})",
     )
     parser.add_argument("--tiny", action="store_true", help="export tiny zoo variants")
+    parser.add_argument(
+        "--executor", choices=("local", "ray"), default="local", help="where exports run"
+    )
+    parser.add_argument("--address", help="Ray cluster address (with --executor ray)")
     parser.add_argument("--recipes", default="default", help="comma-separated recipes")
     parser.add_argument("--baseline", type=Path, default=ROOT / "docs" / "baseline.json")
     parser.add_argument("--update-baseline", action="store_true")
@@ -564,7 +576,8 @@ def _select_sources(args: argparse.Namespace, out: Path) -> tuple[list[ModelSour
     if args.kinds is not None:
         names = list(KIND_NAMES) if args.kinds == "all" else _split(args.kinds)
         return _build_kinds(names, out), "kinds"
-    return _export_zoo(_split(args.models) or None, out, args.tiny), "zoo"
+    chosen = _split(args.models) or None
+    return _export_zoo(chosen, out, args.tiny, args.executor, args.address), "zoo"
 
 
 def main(argv: list[str] | None = None) -> int:
