@@ -12,6 +12,9 @@ from graph_passes.collapse_chains import CollapseChains
 from graph_passes.eliminate_common_subexpressions import EliminateCommonSubexpressions
 from graph_passes.fold_constants import FoldConstants
 from graph_passes.fold_shapes import FoldShapes
+from graph_passes.fuse_conv_affine import FuseConvAffine
+from graph_passes.fuse_conv_bn import FuseConvBatchNorm
+from graph_passes.fuse_layer_norm import FuseLayerNorm
 from graph_passes.lift_constants import LiftConstants
 from graph_passes.merge_duplicate_initializers import MergeDuplicateInitializers
 from graph_passes.remove_dead import RemoveDead
@@ -23,6 +26,9 @@ REGISTRY: dict[str, type[GraphPass]] = {
     LiftConstants.name: LiftConstants,
     RemoveNoops.name: RemoveNoops,
     CollapseChains.name: CollapseChains,
+    FuseConvBatchNorm.name: FuseConvBatchNorm,
+    FuseConvAffine.name: FuseConvAffine,
+    FuseLayerNorm.name: FuseLayerNorm,
     EliminateCommonSubexpressions.name: EliminateCommonSubexpressions,
     MergeDuplicateInitializers.name: MergeDuplicateInitializers,
     RemoveDead.name: RemoveDead,
