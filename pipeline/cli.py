@@ -150,6 +150,10 @@ def optimize(
             help="Optimize even when ONNX Runtime cannot run the model (checker-only verification)."
         ),
     ] = False,
+    keep_initializer_inputs: Annotated[
+        bool,
+        typer.Option(help="Keep weights that old exporters also listed as graph inputs as inputs."),
+    ] = False,
     seed: Annotated[int, typer.Option(help="Seed for generated inputs.")] = 0,
     list_passes: Annotated[
         bool, typer.Option(help="List registered passes and recipes, then exit.")
@@ -197,6 +201,7 @@ def optimize(
             output_tolerances=_parse_output_tolerances(output_tol, chosen),
             external_data=external_data,
             allow_unverified=allow_unverified,
+            keep_initializer_inputs=keep_initializer_inputs,
             seed=seed,
         )
         result = run(options, sink, ConsoleListener(quiet))

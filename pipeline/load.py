@@ -105,6 +105,26 @@ def load_notes(model: ir.Model) -> list[str]:
     return list(model.graph.meta.get(LOAD_NOTES, []))
 
 
+def detach_initializer_inputs(model: ir.Model) -> int:
+    """Stop listing weights as graph inputs (old exporters did); returns how many.
+
+    An initializer that is also a graph input is, by the ONNX spec, a default the caller may
+    override, so no optimizer may treat it as a constant (ONNX Runtime warns and does not
+    fold it either). Nobody feeds the weights of a model-zoo CNN at run time, so by default
+    they become plain initializers and the passes can fold them; the report says how many.
+    """
+    weights = [value for value in model.graph.inputs if value.is_initializer()]
+    for value in weights:
+        model.graph.inputs.remove(value)
+    if weights:
+        add_note(
+            model,
+            f"{len(weights)} initializer(s) were also listed as graph inputs (old exporters did "
+            "this) and were made plain weights; --keep-initializer-inputs keeps them as inputs",
+        )
+    return len(weights)
+
+
 def _raise_old_ir_version(model: ir.Model) -> None:
     """IR version < 4 requires every initializer to be a graph input too, so any pass that
     adds a weight would fail the checker. IR 4 only relaxed that rule, so raise to it."""

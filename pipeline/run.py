@@ -26,7 +26,14 @@ from pipeline import runners
 from pipeline.benchmark import compare_latency
 from pipeline.compare import Tolerance
 from pipeline.errors import UserError, VerificationFailed
-from pipeline.load import file_sha256, load_model, load_notes, save_model, tensor_bytes
+from pipeline.load import (
+    detach_initializer_inputs,
+    file_sha256,
+    load_model,
+    load_notes,
+    save_model,
+    tensor_bytes,
+)
 from pipeline.pass_manager import AUTO_END_VERIFY_BYTES, PassRecord, VerifiedPassManager
 from pipeline.recipe import Recipe
 from pipeline.report import Report, model_facts
@@ -47,6 +54,7 @@ class RunOptions:
     output_tolerances: dict[str, Tolerance] = field(default_factory=dict)
     external_data: bool | None = None
     allow_unverified: bool = False
+    keep_initializer_inputs: bool = False
     seed: int = 0
 
 
@@ -192,6 +200,8 @@ def run(options: RunOptions, report_sink: list[Report], listener: Listener | Non
         recipe=dataclasses.asdict(recipe), input_model=model_facts(model, options.input_path)
     )
     report_sink.append(report)
+    if not options.keep_initializer_inputs:
+        detach_initializer_inputs(model)
     report.warnings.extend(load_notes(model))
     report.seconds["load"] = time.perf_counter() - started
 

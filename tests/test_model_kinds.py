@@ -422,7 +422,23 @@ def test_old_zoo_model_keeps_ir3_inputs_runnable(name: str, kind_run: KindRun) -
     initializers = {t.name for t in optimized.graph.initializer}
     assert {i.name for i in optimized.graph.input} - initializers == {"data"}
     assert optimized.ir_version == 4
-    assert any("IR version 3 raised to 4" in w for w in kind_run.report("first")["warnings"])
+    warnings = kind_run.report("first")["warnings"]
+    assert any("IR version 3 raised to 4" in w for w in warnings)
+    # The weights listed as inputs became plain weights, so BatchNormalization folded away.
+    assert [i.name for i in optimized.graph.input] == ["data"]
+    assert any("listed as graph inputs" in w for w in warnings)
+    assert op_histogram(optimized)[("", "BatchNormalization")] == 0
+    assert op_histogram(onnx.load(kind_run.source))[("", "BatchNormalization")] == 2
+
+
+def test_keep_initializer_inputs_keeps_them_and_leaves_batchnorm(tmp_path: Path) -> None:
+    source, target = tmp_path / "old.onnx", tmp_path / "old.opt.onnx"
+    onnx.save(kinds.old_zoo_cnn(), source)
+    proc = run_cli(source, target, "--keep-initializer-inputs", "--no-speed-check")
+    assert proc.returncode == 0, proc.stderr
+    optimized = onnx.load(target)
+    assert len(optimized.graph.input) == len(onnx.load(source).graph.input) > 1
+    assert op_histogram(optimized)[("", "BatchNormalization")] == 2
 
 
 @pytest.mark.parametrize("name", _params(list(SLOW_KINDS)))
