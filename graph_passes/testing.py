@@ -60,3 +60,21 @@ def assert_parity(
                 atol=atol,
                 err_msg=f"output {name}",
             )
+
+
+class AddToSub(GraphPass):
+    """Wrong on purpose: turns every standard ``Add`` of the main graph into ``Sub``.
+
+    A valid graph with wrong numbers: what the verifier must catch and roll back. Used by the
+    pass-manager and fuzz tests and by ``scripts/ci_optimize.py --inject-broken-pass``.
+    """
+
+    name = "add_to_sub"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.matches = 0
+        for node in model.graph:
+            if node.op_type == "Add" and node.domain in ("", "ai.onnx"):
+                node.op_type = "Sub"
+                self.matches += 1
+        return self.result(model)

@@ -33,7 +33,7 @@ to a weaker recipe is a regression, not a new model. A model absent from the bas
 
 ``--update-baseline`` replaces the baseline with this run's results (atomically), so record
 it with the same model selection CI uses (``--tiny``, all zoo models). ``--inject-broken-pass
-NAME`` registers, for this process only, a pass that turns the first Add into Sub and runs it
+NAME`` registers, for this process only, a pass that turns every Add into Sub and runs it
 first: the verifier rolls it back, and the gate must fail on that.
 
 Exit codes: 0 no regression (or ``--update-baseline``), 1 at least one regression (one
@@ -53,17 +53,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import ClassVar
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-import onnx_ir as ir  # noqa: E402
 
 import graph_passes  # noqa: E402
-from graph_passes.base import GraphPass, is_standard  # noqa: E402
+from graph_passes.base import GraphPass  # noqa: E402
+from graph_passes.testing import AddToSub  # noqa: E402
 from pipeline.errors import UserError, VerificationFailed  # noqa: E402
 from pipeline.recipe import Recipe, load_recipe  # noqa: E402
 from pipeline.report import Report, versions, write_report  # noqa: E402
@@ -101,26 +100,11 @@ class UsageError(Exception):
 # the deliberately broken pass (--inject-broken-pass)
 
 
-class _AddToSub(GraphPass):
-    """Turns the first top-level ``Add`` into ``Sub``: a real parity break, for gate tests."""
-
-    name: ClassVar[str] = "broken_add_to_sub"
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.matches = 0
-        for node in model.graph:
-            if node.op_type == "Add" and is_standard(node):
-                node.op_type = "Sub"
-                self.matches = 1
-                break
-        return self.result(model)
-
-
 def inject_broken_pass(name: str) -> type[GraphPass]:
     """Register a parity-breaking pass under ``name`` in this process's REGISTRY."""
     if name in graph_passes.REGISTRY:
         raise UsageError(f"--inject-broken-pass: '{name}' is already a registered pass")
-    cls = type("InjectedBrokenPass", (_AddToSub,), {"name": name})
+    cls = type("InjectedBrokenPass", (AddToSub,), {"name": name})
     graph_passes.REGISTRY[name] = cls
     return cls
 
@@ -553,7 +537,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--inject-broken-pass",
         metavar="NAME",
-        help="register a parity-breaking pass NAME (first Add -> Sub) and run it first",
+        help="register a parity-breaking pass NAME (every Add -> Sub) and run it first",
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)
@@ -621,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
 
     notes = []
     if injected:
-        notes.append(f"injected broken pass `{injected}` (first Add -> Sub) ran first")
+        notes.append(f"injected broken pass `{injected}` (every Add -> Sub) ran first")
     if args.update_baseline:
         data = baseline_from_rows(rows, recipe_names, source_kind, args.tiny)
         _write_json(args.baseline, data)

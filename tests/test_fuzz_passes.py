@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from graph_passes import REGISTRY, fuzzing
-from graph_passes.base import GraphPass
+from graph_passes.testing import AddToSub
 from pipeline import inputs, runners
 from pipeline.compare import Tolerance
 from pipeline.pass_manager import VerifiedPassManager
@@ -37,20 +37,6 @@ CI = settings(
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
-
-
-class FlipAdd(GraphPass):
-    """Wrong on purpose: turns every Add of the main graph into Sub."""
-
-    name = "flip_add"
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.matches = 0
-        for node in model.graph:
-            if node.op_type == "Add":
-                node.op_type = "Sub"
-                self.matches += 1
-        return self.result(model)
 
 
 def _ops(proto: onnx.ModelProto) -> Counter:
@@ -107,7 +93,7 @@ def test_the_differential_check_catches_a_wrong_pass(monkeypatch: pytest.MonkeyP
     assert fuzzing.is_valid(proto)
     real = fuzzing.create_pass
     monkeypatch.setattr(
-        fuzzing, "create_pass", lambda n: FlipAdd() if n == "remove_dead" else real(n)
+        fuzzing, "create_pass", lambda n: AddToSub() if n == "remove_dead" else real(n)
     )
     failures = fuzzing.check_model(proto)
     assert {f.pass_name for f in failures} == {"remove_dead", "default"}
@@ -131,7 +117,7 @@ def test_manager_rolls_back_and_names_a_wrong_pass_on_generated_graphs(
     model = ir.from_proto(proto)
     verifier = _verifier(ir.from_proto(proto))
     names = ["flip_add", *fuzzing.default_recipe()]
-    factory = {**REGISTRY, "flip_add": FlipAdd}
+    factory = {**REGISTRY, "flip_add": AddToSub}
     manager = VerifiedPassManager(names, verifier, mode=mode, pass_factory=lambda n: factory[n]())
     result = manager.run(model)
     assert list(result.rolled_back) == ["flip_add"]

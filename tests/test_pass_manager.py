@@ -7,7 +7,7 @@ import onnx_ir as ir
 import pytest
 
 from graph_passes.base import GraphPass
-from graph_passes.testing import model_from_text, op_list
+from graph_passes.testing import AddToSub, model_from_text, op_list
 from pipeline import inputs, runners
 from pipeline.compare import Tolerance
 from pipeline.pass_manager import VerifiedPassManager
@@ -35,20 +35,6 @@ class DropIdentity(GraphPass):
             if node.op_type == "Identity" and not node.outputs[0].is_graph_output():
                 node.outputs[0].replace_all_uses_with(node.inputs[0])
                 model.graph.remove(node, safe=True)
-                self.matches += 1
-        return self.result(model)
-
-
-class AddToSub(GraphPass):
-    """Wrong on purpose: turns Add into Sub (valid graph, wrong numbers)."""
-
-    name = "add_to_sub"
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.matches = 0
-        for node in model.graph:
-            if node.op_type == "Add":
-                node.op_type = "Sub"
                 self.matches += 1
         return self.result(model)
 
