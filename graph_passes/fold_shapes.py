@@ -120,8 +120,12 @@ class FoldShapes(GraphPass):
         self._names = {
             v.name
             for g in model.graphs()
-            for v in (*g.inputs, *g.outputs, *g.initializers.values(),
-                      *(o for n in g for o in n.outputs))
+            for v in (
+                *g.inputs,
+                *g.outputs,
+                *g.initializers.values(),
+                *(o for n in g for o in n.outputs),
+            )
             if v.name
         }
         for graph in model.graphs():

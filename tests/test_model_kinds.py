@@ -108,6 +108,7 @@ SLOW_KINDS: dict[str, Kind] = {
 }
 ALL_KINDS = FAST_KINDS | SLOW_KINDS
 
+
 def _params(names: list[str]) -> list:
     params = []
     for name in names:

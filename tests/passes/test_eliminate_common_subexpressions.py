@@ -29,7 +29,9 @@ def run(model: ir.Model) -> tuple[ir.Model, EliminateCommonSubexpressions, bool]
 
 
 def test_duplicate_chain_collapses_in_one_call():
-    model = model_from_text(HEADER + """
+    model = model_from_text(
+        HEADER
+        + """
 g (float[N, 4] x) => (float[N, 4] y) {
   a1 = Relu(x)
   a2 = Relu(x)
@@ -40,7 +42,8 @@ g (float[N, 4] x) => (float[N, 4] y) {
   d = Add(c1, c2)
   y = Transpose<perm = [1, 0]>(d)
 }
-""")
+"""
+    )
     candidate, pass_, modified = run(model)
     assert op_list(candidate) == ["Relu", "Sigmoid", "Transpose", "Add", "Transpose"]
     assert modified and pass_.matches == 3
@@ -51,13 +54,16 @@ g (float[N, 4] x) => (float[N, 4] y) {
 
 
 def test_idempotent():
-    model = model_from_text(HEADER + """
+    model = model_from_text(
+        HEADER
+        + """
 g (float[N, 4] x) => (float[N, 4] y) {
   a1 = Abs(x)
   a2 = Abs(x)
   y = Mul(a1, a2)
 }
-""")
+"""
+    )
     once, first, _ = run(model)
     twice, second, modified = run(once)
     assert first.matches == 1
@@ -70,7 +76,9 @@ g (float[N, 4] x) => (float[N, 4] y) {
 def test_different_attributes_or_inputs_do_not_merge():
     # Every pair differs in one thing: an attribute value, an input, the sign of a zero
     # (0.0 == -0.0 in Python, yet 1/0 and 1/-0 differ), or the shape of equal bytes.
-    model = model_from_text(HEADER + """
+    model = model_from_text(
+        HEADER
+        + """
 g (float[N, 4] x, float[N, 4] z) => (float[N, 4] y, float[N, 4] w, float[4] v, float[1, 4] u) {
   l1 = LeakyRelu<alpha = 0.1>(x)
   l2 = LeakyRelu<alpha = 0.2>(x)
@@ -91,7 +99,8 @@ g (float[N, 4] x, float[N, 4] z) => (float[N, 4] y, float[N, 4] w, float[4] v, f
   v = Identity(c1)
   u = Identity(c2)
 }
-""")
+"""
+    )
     candidate, pass_, modified = run(model)
     assert op_list(candidate) == op_list(model.clone())
     assert not modified and pass_.matches == 0
@@ -100,7 +109,9 @@ g (float[N, 4] x, float[N, 4] z) => (float[N, 4] y, float[N, 4] w, float[4] v, f
 
 
 def test_equal_small_constants_merge_and_big_ones_do_not():
-    model = model_from_text(HEADER + """
+    model = model_from_text(
+        HEADER
+        + """
 g (float[N, 4] x) => (float[N, 4] y) {
   c1 = Constant<value = float[4] {1.0, 2.0, 3.0, 4.0}>()
   c2 = Constant<value = float[4] {1.0, 2.0, 3.0, 4.0}>()
@@ -108,14 +119,17 @@ g (float[N, 4] x) => (float[N, 4] y) {
   b = Add(x, c2)
   y = Mul(a, b)
 }
-""")
+"""
+    )
     candidate, pass_, _ = run(model)
     assert op_list(candidate) == ["Constant", "Add", "Mul"]
     assert pass_.matches == 2
     assert_parity(model, candidate)
     check(candidate)
 
-    big = model_from_text(HEADER + """
+    big = model_from_text(
+        HEADER
+        + """
 g (float[N, 2000] x) => (float[N, 2000] y) {
   c1 = Constant<value = float[1] {0.0}>()
   c2 = Constant<value = float[1] {0.0}>()
@@ -123,7 +137,8 @@ g (float[N, 2000] x) => (float[N, 2000] y) {
   b = Add(x, c2)
   y = Mul(a, b)
 }
-""")
+"""
+    )
     data = np.linspace(-1, 1, 2000, dtype=np.float32)
     for node in big.graph:
         if node.op_type == "Constant":
@@ -139,7 +154,9 @@ def test_random_ops_do_not_merge():
     # The deterministic Relu pair merges; the random pairs (and dropout in training mode,
     # which draws a random mask) must stay. Random values cannot be compared, so the outputs
     # that depend on them are shapes.
-    model = model_from_text(HEADER + """
+    model = model_from_text(
+        HEADER
+        + """
 g (float[N, 4] x) => (float[N, 4] y, int64[2] s1, int64[2] s2, int64[2] s3) {
   a1 = Relu(x)
   a2 = Relu(x)
@@ -163,7 +180,8 @@ g (float[N, 4] x) => (float[N, 4] y, int64[2] s1, int64[2] s2, int64[2] s3) {
   d3 = Sub(o1, o2)
   s3 = Shape(d3)
 }
-""")
+"""
+    )
     candidate, pass_, _ = run(model)
     ops = op_list(candidate)
     assert ops.count("Relu") == 1 and pass_.matches == 1
@@ -175,13 +193,16 @@ g (float[N, 4] x) => (float[N, 4] y, int64[2] s1, int64[2] s2, int64[2] s3) {
 
 
 def test_duplicate_graph_output_takes_its_name():
-    model = model_from_text(HEADER + """
+    model = model_from_text(
+        HEADER
+        + """
 g (float[N, 4] x) => (float[N, 4] y, float[N, 4] z) {
   a = Abs(x)
   z = Abs(x)
   y = Mul(a, a)
 }
-""")
+"""
+    )
     candidate, pass_, modified = run(model)
     assert op_list(candidate) == ["Abs", "Mul"]
     assert modified and pass_.matches == 1
@@ -197,13 +218,16 @@ g (float[N, 4] x) => (float[N, 4] y, float[N, 4] z) {
 
 def test_duplicate_of_a_graph_output_stays():
     # Both values are graph outputs: merging would need an Identity or a rename; neither.
-    model = model_from_text(HEADER + """
+    model = model_from_text(
+        HEADER
+        + """
 g (float[N, 4] x) => (float[N, 4] y, float[N, 4] z) {
   a = Relu(x)
   y = Neg(a)
   z = Neg(a)
 }
-""")
+"""
+    )
     candidate, pass_, modified = run(model)
     assert op_list(candidate) == ["Relu", "Neg", "Neg"]
     assert not modified and pass_.matches == 0
@@ -212,7 +236,9 @@ g (float[N, 4] x) => (float[N, 4] y, float[N, 4] z) {
     check(candidate)
 
 
-SUBGRAPH = HEADER + """
+SUBGRAPH = (
+    HEADER
+    + """
 g (float[N, 4] x, bool c) => (float[N, 4] y) {
   a = Relu(x)
   b = Relu(x)
@@ -232,6 +258,7 @@ g (float[N, 4] x, bool c) => (float[N, 4] y) {
   >
 }
 """
+)
 
 
 def test_subgraphs_merge_inside_but_not_across_graphs():
@@ -244,8 +271,10 @@ def test_subgraphs_merge_inside_but_not_across_graphs():
     assert graph_ops(bodies["then_branch"]) == ["Neg", "Relu", "Add", "Add"]
     assert graph_ops(bodies["else_branch"]) == ["Neg", "Sigmoid"]
     assert pass_.matches == 2
-    feeds = [{"x": np.linspace(-2, 2, 8, dtype=np.float32).reshape(2, 4), "c": np.array(flag)}
-             for flag in (True, False)]
+    feeds = [
+        {"x": np.linspace(-2, 2, 8, dtype=np.float32).reshape(2, 4), "c": np.array(flag)}
+        for flag in (True, False)
+    ]
     assert_parity(model, candidate, feeds)
     check(candidate)
     again, second, modified = run(candidate)
@@ -253,7 +282,9 @@ def test_subgraphs_merge_inside_but_not_across_graphs():
 
 
 def test_nodes_owning_subgraphs_do_not_merge():
-    model = model_from_text(HEADER + """
+    model = model_from_text(
+        HEADER
+        + """
 g (float[N, 4] x, bool c) => (float[N, 4] y) {
   i1 = If(c) <then_branch = t1 () => (float[N, 4] o1) { o1 = Neg(x) },
               else_branch = e1 () => (float[N, 4] p1) { p1 = Abs(x) }>
@@ -261,7 +292,8 @@ g (float[N, 4] x, bool c) => (float[N, 4] y) {
               else_branch = e2 () => (float[N, 4] p2) { p2 = Abs(x) }>
   y = Add(i1, i2)
 }
-""")
+"""
+    )
     candidate, pass_, modified = run(model)
     assert op_list(candidate) == ["If", "If", "Add"]
     assert not modified and pass_.matches == 0

@@ -136,14 +136,17 @@ g (float[2, 3] x, float[N, 3] z) => (int64 y, int64 w) <int64 one = {1}> {
 
 
 def test_shape_in_if_branch_folds_into_a_subgraph_initializer():
-    model = model_from_text(HEADER + """
+    model = model_from_text(
+        HEADER
+        + """
 g (bool c, float[2, 3] x, float[6] z) => (float[2, 3] y) {
   y = If(c) <
     then_branch = then () => (float[2, 3] r) { s = Shape(x)
                                                r = Reshape(z, s) },
     else_branch = other () => (float[2, 3] r2) { r2 = Identity(x) }
   >
-}""")
+}"""
+    )
     out, result = apply_pass(FoldShapes(), model)
     assert result.modified
     branch = out.graph.node(0).attributes["then_branch"].as_graph()

@@ -24,7 +24,9 @@ def run(model: ir.Model) -> tuple[ir.Model, MergeDuplicateInitializers, bool]:
     return candidate, pass_, result.modified
 
 
-TIED = HEADER + """
+TIED = (
+    HEADER
+    + """
 g (float[N, 4] x) => (float[N, 4] y)
   <float[4] w1 = {1.0, 2.0, 3.0, 4.0}, float[4] w2 = {1.0, 2.0, 3.0, 4.0},
    float[4] w3 = {1.0, 2.0, 3.0, 4.0}, float[4] other = {1.0, 2.0, 3.0, 5.0}> {
@@ -36,6 +38,7 @@ g (float[N, 4] x) => (float[N, 4] y)
   y = Add(s, d)
 }
 """
+)
 
 
 def test_equal_weights_merge_then_cse_merges_the_nodes():
@@ -63,7 +66,9 @@ def test_idempotent():
 def test_equal_bytes_with_other_shape_or_dtype_or_equal_values_do_not_merge():
     # Same bytes as float[4] but float[2, 2]; the bits of 2.0f as int32; and 0.0 vs -0.0,
     # which compare equal as numbers but are different bytes (1/0 vs 1/-0).
-    model = model_from_text(HEADER + """
+    model = model_from_text(
+        HEADER
+        + """
 g (float[N, 4] x) => (float[N, 4] y, float[2, 2] z, int32[1] i, float[1] r)
   <float[4] a = {1.0, 2.0, 3.0, 4.0}, float[2, 2] b = {1.0, 2.0, 3.0, 4.0},
    float[1] f = {2.0}, int32[1] n = {1073741824},
@@ -76,7 +81,8 @@ g (float[N, 4] x) => (float[N, 4] y, float[2, 2] z, int32[1] i, float[1] r)
   q = Div(one, nz)
   r = Sub(p, q)
 }
-""")
+"""
+    )
     candidate, pass_, modified = run(model)
     assert op_list(candidate) == op_list(model.clone())
     assert not modified and pass_.matches == 0
@@ -87,14 +93,17 @@ g (float[N, 4] x) => (float[N, 4] y, float[2, 2] z, int32[1] i, float[1] r)
 
 def test_initializer_that_is_a_graph_input_is_not_merged():
     # w2 is an input with a default: a caller may feed another value.
-    model = model_from_text(HEADER + """
+    model = model_from_text(
+        HEADER
+        + """
 g (float[N, 4] x, float[4] w2) => (float[N, 4] y)
   <float[4] w1 = {1.0, 2.0, 3.0, 4.0}, float[4] w2 = {1.0, 2.0, 3.0, 4.0}> {
   a = Mul(x, w1)
   b = Mul(x, w2)
   y = Add(a, b)
 }
-""")
+"""
+    )
     candidate, pass_, modified = run(model)
     assert op_list(candidate) == ["Mul", "Mul", "Add"]
     assert sorted(candidate.graph.initializers) == ["w1", "w2"]
@@ -106,12 +115,15 @@ g (float[N, 4] x, float[4] w2) => (float[N, 4] y)
 
 
 def test_graph_output_initializer_survives_and_absorbs_its_duplicate():
-    model = model_from_text(HEADER + """
+    model = model_from_text(
+        HEADER
+        + """
 g (float[N, 4] x) => (float[N, 4] y, float[4] w2)
   <float[4] w1 = {1.0, 2.0, 3.0, 4.0}, float[4] w2 = {1.0, 2.0, 3.0, 4.0}> {
   y = Mul(x, w1)
 }
-""")
+"""
+    )
     candidate, pass_, modified = run(model)
     assert op_list(candidate) == ["Mul"]
     assert list(candidate.graph.initializers) == ["w2"]
@@ -123,7 +135,9 @@ g (float[N, 4] x) => (float[N, 4] y, float[4] w2)
 
 
 def test_subgraph_initializers_merge_within_their_graph_only():
-    model = model_from_text(HEADER + """
+    model = model_from_text(
+        HEADER
+        + """
 g (float[N, 4] x, bool c) => (float[N, 4] y) <float[4] m = {1.0, 2.0, 3.0, 4.0}> {
   y = If(c) <
     then_branch = th () => (float[N, 4] o1)
@@ -137,7 +151,8 @@ g (float[N, 4] x, bool c) => (float[N, 4] y) <float[4] m = {1.0, 2.0, 3.0, 4.0}>
     }
   >
 }
-""")
+"""
+    )
     candidate, pass_, modified = run(model)
     assert op_list(candidate) == ["If"]
     then = candidate.graph.node(0).attributes["then_branch"].as_graph()
@@ -152,7 +167,9 @@ g (float[N, 4] x, bool c) => (float[N, 4] y) <float[4] m = {1.0, 2.0, 3.0, 4.0}>
 
 def test_string_initializers():
     # Equal on strings needs opset 19 in ONNX Runtime.
-    model = model_from_text('<ir_version: 9, opset_import: ["" : 19]>' + """
+    model = model_from_text(
+        '<ir_version: 9, opset_import: ["" : 19]>'
+        + """
 g (string[N] x) => (bool[N] y, bool[N] z, bool[N] u)
   <string[2] a = {"a", "b"}, string[2] b = {"a", "b"}, string[2] c = {"ab", ""}> {
   k = Constant<value = int64 {1}>()
@@ -163,7 +180,8 @@ g (string[N] x) => (bool[N] y, bool[N] z, bool[N] u)
   z = Equal(x, b1)
   u = Equal(x, c1)
 }
-""")
+"""
+    )
     candidate, pass_, _ = run(model)
     assert sorted(candidate.graph.initializers) == ["a", "c"]  # "ab","" is not "a","b"
     assert pass_.matches == 1

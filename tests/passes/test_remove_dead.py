@@ -34,7 +34,9 @@ def if_feeds(shape=(2, 4)) -> list[dict[str, np.ndarray]]:
     return [{"x": x, "c": np.array(flag)} for flag in (True, False)]
 
 
-DEAD_CHAIN = HEADER + """
+DEAD_CHAIN = (
+    HEADER
+    + """
 g (float[N, 4] x, float[N, 4] unused) => (float[N, 4] y)
   <float[4] w = {1.0, 2.0, 3.0, 4.0}, float[4] dead_w = {5.0, 6.0, 7.0, 8.0}> {
   y = Add(x, w)
@@ -43,6 +45,7 @@ g (float[N, 4] x, float[N, 4] unused) => (float[N, 4] y)
   d3 = Sigmoid(d2)
 }
 """
+)
 
 
 def test_dead_chain_and_initializer_removed_unused_input_kept():
@@ -68,7 +71,9 @@ def test_live_graph_keeps_everything_in_its_signature():
     # Nothing is dead: an output no node consumes, a multi-output node with one unused
     # output, initializers that are a graph input (overridable) and a graph output, and a
     # Dropout whose mask nobody reads (its optional output is not trimmed either).
-    model = model_from_text(HEADER + """
+    model = model_from_text(
+        HEADER
+        + """
 g (float[N, 4] x, float[4] bias) => (float[N, 4] y, float[N, 2] z, float[4] w, float[N, 4] m)
   <float[4] bias = {0.5, 0.5, 0.5, 0.5}, float[4] w = {1.0, 2.0, 3.0, 4.0}> {
   y = Neg(x)
@@ -76,7 +81,8 @@ g (float[N, 4] x, float[4] bias) => (float[N, 4] y, float[N, 2] z, float[4] w, f
   z, idx = TopK(x, k)
   m, mask = Dropout(x)
 }
-""")
+"""
+    )
     candidate, pass_, modified = run(model)
     assert op_list(candidate) == ["Neg", "Constant", "TopK", "Dropout"]
     assert not modified and pass_.matches == 0
@@ -90,14 +96,17 @@ g (float[N, 4] x, float[4] bias) => (float[N, 4] y, float[N, 2] z, float[4] w, f
 
 def test_batchnorm_training_outputs_are_left_alone():
     # onnx-ir's RemoveUnusedNodesPass would trim these; ours does not touch live nodes.
-    model = model_from_text(HEADER + """
+    model = model_from_text(
+        HEADER
+        + """
 g (float[2, 3, 4] x) => (float[2, 3, 4] y)
   <float[3] s = {1.0, 2.0, 3.0}, float[3] b = {0.0, 1.0, 0.0},
    float[3] mean = {0.0, 0.0, 0.0}, float[3] var = {1.0, 1.0, 1.0}> {
   y, rm, rv = BatchNormalization<training_mode = 1>(x, s, b, mean, var)
   dead = Relu(rm)
 }
-""")
+"""
+    )
     candidate, pass_, _ = run(model)
     assert op_list(candidate) == ["BatchNormalization"]
     assert pass_.matches == 1
@@ -109,7 +118,9 @@ g (float[2, 3, 4] x) => (float[2, 3, 4] y)
 def test_subgraph_dead_node_and_initializer_removed():
     # t is only read by a dead node of the then branch, so it dies too; the outer
     # initializer v is only read by that dead node, u by a live one.
-    model = model_from_text(HEADER + """
+    model = model_from_text(
+        HEADER
+        + """
 g (float[N, 4] x, bool c) => (float[N, 4] y)
   <float[4] u = {1.0, 1.0, 1.0, 1.0}, float[4] v = {2.0, 2.0, 2.0, 2.0}> {
   t = Neg(x)
@@ -125,7 +136,8 @@ g (float[N, 4] x, bool c) => (float[N, 4] y)
     }
   >
 }
-""")
+"""
+    )
     candidate, pass_, modified = run(model)
     assert op_list(candidate) == ["If"]
     bodies = branches(candidate)
@@ -143,14 +155,17 @@ g (float[N, 4] x, bool c) => (float[N, 4] y)
 def test_dead_if_frees_what_only_its_branches_read():
     # onnx-ir's RemoveUnusedNodesPass removes the If but leaves Neg forever: the removed
     # branches' nodes still count as users of t.
-    model = model_from_text(HEADER + """
+    model = model_from_text(
+        HEADER
+        + """
 g (float[N, 4] x, bool c) => (float[N, 4] y) <float[4] w = {1.0, 2.0, 3.0, 4.0}> {
   y = Relu(x)
   t = Neg(x)
   d = If(c) <then_branch = th () => (float[N, 4] o1) { o1 = Add(t, w) },
              else_branch = el () => (float[N, 4] o2) { o2 = Identity(t) }>
 }
-""")
+"""
+    )
     candidate, pass_, modified = run(model)
     assert op_list(candidate) == ["Relu"]
     assert not candidate.graph.initializers
@@ -164,13 +179,16 @@ g (float[N, 4] x, bool c) => (float[N, 4] y) <float[4] w = {1.0, 2.0, 3.0, 4.0}>
 
 
 def test_outer_value_read_by_live_subgraph_node_is_kept():
-    model = model_from_text(HEADER + """
+    model = model_from_text(
+        HEADER
+        + """
 g (float[N, 4] x, bool c) => (float[N, 4] y) <float[4] w = {1.0, 2.0, 3.0, 4.0}> {
   t = Neg(x)
   y = If(c) <then_branch = th () => (float[N, 4] o1) { o1 = Add(t, w) },
              else_branch = el () => (float[N, 4] o2) { o2 = Identity(x) }>
 }
-""")
+"""
+    )
     candidate, pass_, modified = run(model)
     assert op_list(candidate) == ["Neg", "If"]
     assert list(candidate.graph.initializers) == ["w"]

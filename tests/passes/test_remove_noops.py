@@ -96,9 +96,7 @@ KEEP = {
     "zero_sub": graph("a = Sub(zero, x)"),
     # ratio 0 keeps training-mode Dropout deterministic, so parity still holds
     "dropout_training": graph("a = Dropout(x, zero, yes)"),
-    "dropout_used_mask": graph(
-        "a0, mask = Dropout(x)\n  m = Cast<to = 1>(mask)\n  a = Add(a0, m)"
-    ),
+    "dropout_used_mask": graph("a0, mask = Dropout(x)\n  m = Cast<to = 1>(mask)\n  a = Add(a0, m)"),
 }
 
 
@@ -167,7 +165,9 @@ g (bool c, float[N, 3] x) => (float[N, 3] y) {
     # Outer x cannot become the else branch's output by renaming: that Identity stays.
     assert [n.op_type for n in branches["else_branch"].as_graph()] == ["Identity"]
     check(out)
-    feeds = [{"c": np.array(flag), "x": np.ones((n, 3), np.float32)} for flag, n in
-             ((True, 2), (False, 3))]
+    feeds = [
+        {"c": np.array(flag), "x": np.ones((n, 3), np.float32)}
+        for flag, n in ((True, 2), (False, 3))
+    ]
     assert_parity(model, out, feeds)
     assert not RemoveNoops()(out.clone()).modified
