@@ -58,7 +58,7 @@ def example_inputs(texts: tuple[str, ...] | list[str] = EXAMPLE_TEXTS) -> dict[s
     return {name: np.asarray(encoded[name], dtype=np.int64) for name in INPUT_NAMES}
 
 
-def _load_torch_model():
+def load_torch_model():
     """The encoder wrapped to take three positional tensors and return one.
 
     Both torch exporters trace positional arguments; ``BertModel.forward`` takes more
@@ -87,7 +87,7 @@ def _load_torch_model():
 def _export_torch(target: Path, *, dynamo: bool, opset: int) -> None:
     import torch
 
-    model = _load_torch_model()
+    model = load_torch_model()
     feeds = example_inputs()
     args = tuple(torch.from_numpy(feeds[name]) for name in INPUT_NAMES)
     common = dict(input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME], opset_version=opset)

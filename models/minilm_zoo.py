@@ -16,24 +16,8 @@ CLS, SEP, PAD = 101, 102, 0
 
 
 def build(tiny: bool):
-    import torch
-    from transformers import AutoModel
-
-    class Encoder(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.hf_model = AutoModel.from_pretrained(minilm.model_dir(), local_files_only=True)
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            out = self.hf_model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                token_type_ids=token_type_ids,
-                return_dict=True,
-            )
-            return out.last_hidden_state
-
-    return Encoder().eval()
+    """The trained model, wrapped so it takes its inputs by name (``models.minilm``)."""
+    return minilm.load_torch_model()
 
 
 def example_inputs(tiny: bool, batch: int = 2, seq: int = 8) -> Feeds:

@@ -447,12 +447,12 @@ def test_minilm_export_matches_pytorch(name: str, kind_run: KindRun) -> None:
     # The exported file itself must be right, or "equal to the original" proves little.
     import torch
 
-    from models.minilm import INPUT_NAMES, _load_torch_model, example_inputs
+    from models.minilm import INPUT_NAMES, example_inputs, load_torch_model
 
     feeds = example_inputs()
     assert (feeds["attention_mask"] == 0).any()  # real padding in the batch
     with torch.no_grad():
-        expected = _load_torch_model()(*(torch.from_numpy(feeds[n]) for n in INPUT_NAMES))
+        expected = load_torch_model()(*(torch.from_numpy(feeds[n]) for n in INPUT_NAMES))
     (actual,) = ort_outputs(kind_run.source, feeds)
     np.testing.assert_allclose(actual, expected.numpy(), rtol=1e-3, atol=1e-4)
     graph = onnx.load(kind_run.source, load_external_data=False).graph
