@@ -19,6 +19,7 @@ from graph_passes.lift_constants import LiftConstants
 from graph_passes.merge_duplicate_initializers import MergeDuplicateInitializers
 from graph_passes.remove_dead import RemoveDead
 from graph_passes.remove_noops import RemoveNoops
+from graph_passes.targets import Target
 
 REGISTRY: dict[str, type[GraphPass]] = {
     FoldShapes.name: FoldShapes,
@@ -35,6 +36,6 @@ REGISTRY: dict[str, type[GraphPass]] = {
 }
 
 
-def create_pass(name: str) -> GraphPass:
-    """Instantiate the pass registered under ``name`` (KeyError when unknown)."""
-    return REGISTRY[name]()
+def create_pass(name: str, target: Target | None = None) -> GraphPass:
+    """Instantiate the pass registered under ``name`` for ``target`` (KeyError when unknown)."""
+    return REGISTRY[name](target)

@@ -15,6 +15,8 @@ from typing import ClassVar
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from graph_passes.targets import Target
+
 logger = logging.getLogger(__name__)
 
 
@@ -23,9 +25,11 @@ class GraphPass(ir.passes.InPlacePass):
 
     name: ClassVar[str] = ""
 
-    def __init__(self) -> None:
+    def __init__(self, target: Target | None = None) -> None:
         super().__init__()
         self.matches = 0
+        # Where the model will run; fusions ask it which ops they may emit.
+        self.target = target or Target()
 
     def result(self, model: ir.Model) -> ir.passes.PassResult:
         """The PassResult for this call, modified exactly when something was rewritten."""

@@ -32,6 +32,13 @@ def _split(text: str | None) -> list[str] | None:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _pick_target(target: str | None, portable: bool) -> str | None:
+    """``--portable`` is shorthand for ``--target portable``; the two must not disagree."""
+    if portable and target not in (None, "portable"):
+        raise UserError(f"--portable contradicts --target {target}")
+    return "portable" if portable else target
+
+
 def _parse_output_tolerances(texts: list[str] | None, recipe: Recipe) -> dict[str, Tolerance]:
     """``name=RTOL,ATOL`` strings -> per-output Tolerance (fp16 ulps as the recipe's)."""
     parsed: dict[str, Tolerance] = {}
@@ -137,6 +144,20 @@ def optimize(
             "--speed-check/--no-speed-check", help="Time original vs. optimized (default: recipe)."
         ),
     ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            help="Where the model will run: cpu | cuda (ORT contrib ops where a kernel exists) "
+            "| portable (standard ONNX only, e.g. for TensorRT). Default: recipe."
+        ),
+    ] = None,
+    portable: Annotated[
+        bool, typer.Option(help="Same as --target portable: never emit com.microsoft ops.")
+    ] = False,
+    raise_opset: Annotated[
+        int | None,
+        typer.Option(help="Raise the opset up to N when a standard fused op needs it (0: never)."),
+    ] = None,
     external_data: Annotated[
         bool | None,
         typer.Option(
@@ -191,6 +212,8 @@ def optimize(
             atol=atol,
             verify_mode=verify,
             speed_check=speed_check,
+            target=_pick_target(target, portable),
+            raise_opset_to=raise_opset,
         )
         options = RunOptions(
             input_path=model,

@@ -16,9 +16,11 @@ from importlib import resources
 from pathlib import Path
 
 from graph_passes import REGISTRY
+from graph_passes.targets import TARGETS
 from pipeline.errors import UserError
 
 VERIFY_MODES = ("per-pass", "end", "auto")
+MAX_OPSET = 23  # the newest default-domain opset ONNX Runtime 1.31 runs
 
 # (earlier, later): when a recipe has both, ``earlier`` must come first. fold_shapes turns
 # Shape ops into constants that fold_constants then folds in the same iteration; remove_dead
@@ -58,6 +60,11 @@ class Recipe:
     passes: tuple[str, ...]
     description: str = ""
     max_iterations: int = 8
+    # Where the model will run: cpu / cuda (ORT contrib ops allowed where a kernel exists)
+    # or portable (standard ONNX only, for TensorRT and other runtimes).
+    target: str = "cpu"
+    # Raise the default-domain opset up to this so standard fused ops fit (0: never).
+    raise_opset_to: int = 0
     verify: VerifySettings = field(default_factory=VerifySettings)
     speed: SpeedSettings = field(default_factory=SpeedSettings)
 
@@ -73,6 +80,8 @@ class Recipe:
         atol: float | None = None,
         verify_mode: str | None = None,
         speed_check: bool | None = None,
+        target: str | None = None,
+        raise_opset_to: int | None = None,
     ) -> Recipe:
         """A copy with CLI overrides applied (and validated again)."""
         chosen = tuple(passes) if passes is not None else self.passes
@@ -96,6 +105,8 @@ class Recipe:
             passes=tuple(p for p in chosen if p not in skip),
             verify=verify,
             speed=speed,
+            target=self.target if target is None else target,
+            raise_opset_to=self.raise_opset_to if raise_opset_to is None else raise_opset_to,
         )
 
 
@@ -114,6 +125,10 @@ def _validate(recipe: Recipe) -> None:
         if earlier in recipe.passes and later in recipe.passes:
             if recipe.passes.index(earlier) > recipe.passes.index(later):
                 raise UserError(f"{where}: pass '{earlier}' must come before '{later}'")
+    if recipe.target not in TARGETS:
+        raise UserError(f"{where}: target must be one of {', '.join(TARGETS)}")
+    if recipe.raise_opset_to and not 13 <= recipe.raise_opset_to <= MAX_OPSET:
+        raise UserError(f"{where}: raise_opset_to must be 0 or in 13..{MAX_OPSET}")
     if not 1 <= recipe.max_iterations <= 100:
         raise UserError(f"{where}: max_iterations must be in 1..100")
     if recipe.verify.mode not in VERIFY_MODES:
@@ -128,7 +143,16 @@ def _validate(recipe: Recipe) -> None:
         raise UserError(f"{where}: speed.max_slowdown must be in [0, 1)")
 
 
-_TOP_KEYS = {"name", "description", "passes", "max_iterations", "verify", "speed"}
+_TOP_KEYS = {
+    "name",
+    "description",
+    "passes",
+    "max_iterations",
+    "target",
+    "raise_opset_to",
+    "verify",
+    "speed",
+}
 
 
 def parse_recipe(data: dict, source: str) -> Recipe:
@@ -148,13 +172,19 @@ def parse_recipe(data: dict, source: str) -> Recipe:
     _check_types(speed, source, "speed")
     name = data.get("name", Path(source).stem)
     iterations = data.get("max_iterations", 8)
+    target = data.get("target", "cpu")
+    raise_opset_to = data.get("raise_opset_to", 0)
     if not isinstance(name, str) or not isinstance(iterations, int):
         raise UserError(f"{source}: 'name' must be a string and 'max_iterations' an integer")
+    if not isinstance(target, str) or not isinstance(raise_opset_to, int):
+        raise UserError(f"{source}: 'target' must be a string and 'raise_opset_to' an integer")
     return Recipe(
         name=name,
         passes=tuple(passes),
         description=str(data.get("description", "")),
         max_iterations=iterations,
+        target=target,
+        raise_opset_to=raise_opset_to,
         verify=verify,
         speed=speed,
     )

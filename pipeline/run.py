@@ -9,6 +9,7 @@ always filled in so the caller can write it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -21,6 +22,8 @@ from typing import Protocol
 import onnx_ir as ir
 import onnxruntime as ort
 
+from graph_passes import create_pass
+from graph_passes.targets import Target
 from pipeline import inputs as inputs_mod
 from pipeline import runners
 from pipeline.benchmark import compare_latency
@@ -228,6 +231,9 @@ def run(options: RunOptions, report_sink: list[Report], listener: Listener | Non
         max_iterations=recipe.max_iterations,
         mode=mode,
         on_record=listener.record,
+        pass_factory=functools.partial(
+            create_pass, target=Target(recipe.target, recipe.raise_opset_to)
+        ),
     )
     t0 = time.perf_counter()
     result = manager.run(model)
