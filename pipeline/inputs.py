@@ -201,6 +201,23 @@ def _fill(
     return values.astype(dtype)
 
 
+def _sum_terms(symbol: str) -> list[str]:
+    """The terms of a dim named like ``past_sequence_length + sequence_length``, else []."""
+    terms = [t.strip() for t in symbol.split("+")]
+    return terms if len(terms) > 1 and all(t.isidentifier() or t.isdigit() for t in terms) else []
+
+
+def _dim_size(symbol: str, chosen: dict[str, int]) -> int:
+    """Size of a dynamic dim: its chosen size, or the sum of its terms' sizes (optimum names
+    a decoder's mask length ``past_sequence_length + sequence_length``; a mask of any other
+    length makes the model fail). Unknown symbols are 1.
+    """
+    terms = _sum_terms(symbol)
+    if not terms:
+        return chosen.get(symbol, 1)
+    return sum(int(t) if t.isdigit() else chosen.get(t, 1) for t in terms)
+
+
 def generate_input_sets(
     model: ir.Model,
     overrides: dict[str, tuple[int, ...]] | None = None,
@@ -216,7 +233,7 @@ def generate_input_sets(
     for spec in specs:
         for axis, dim in enumerate(spec.shape or ()):
             key = _symbol_key(spec, axis, dim)
-            if isinstance(dim, int) or key in sizes:
+            if isinstance(dim, int) or key in sizes or _sum_terms(key):
                 continue
             pair = _symbol_sizes(spec, axis, dim)
             # Distinct spatial symbols take the sizes in alternating order, so H and W differ
@@ -232,8 +249,9 @@ def generate_input_sets(
             if spec.shape is None:
                 shape: tuple[int, ...] = (BATCH_SIZES[k % 2],)
             else:
+                chosen = {key: pair[k % 2] for key, pair in sizes.items()}
                 shape = tuple(
-                    d if isinstance(d, int) else sizes[_symbol_key(spec, a, d)][k % 2]
+                    d if isinstance(d, int) else _dim_size(_symbol_key(spec, a, d), chosen)
                     for a, d in enumerate(spec.shape)
                 )
             high = bounds.get(spec.name, DEFAULT_INT_HIGH)
@@ -252,7 +270,7 @@ def minimal_input_set(
     feeds: Feeds = {}
     for spec in specs:
         dims = (1,) if spec.shape is None else spec.shape  # () is a scalar, not unknown
-        shape = tuple(d if isinstance(d, int) else 1 for d in dims)
+        shape = tuple(d if isinstance(d, int) else _dim_size(str(d), {}) for d in dims)
         feeds[spec.name] = np.asarray(
             _fill(spec, shape, rng, bounds.get(spec.name, DEFAULT_INT_HIGH), 0)
         )

@@ -124,3 +124,19 @@ def test_scalar_inputs_are_arrays_onnx_runtime_accepts() -> None:
     )
     for feeds in [*inputs.generate_input_sets(model), inputs.minimal_input_set(model)]:
         assert all(isinstance(v, np.ndarray) and v.shape == () for v in feeds.values())
+
+
+def test_a_dim_named_as_a_sum_of_symbols_gets_the_sum() -> None:
+    # optimum's decoder exports name the mask length "past_sequence_length + sequence_length".
+    model = model_from_text(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[batch, sequence_length] ids, float[batch, 2, past_sequence_length, 4] past,
+           int64[batch, "past_sequence_length + sequence_length"] mask) => (int64[batch] y) {
+            y = ReduceSum<keepdims=0>(ids)
+        }
+        """
+    )
+    for feeds in [*inputs.generate_input_sets(model), inputs.minimal_input_set(model)]:
+        past, seq = feeds["past"].shape[2], feeds["ids"].shape[1]
+        assert feeds["mask"].shape == (feeds["ids"].shape[0], past + seq)
