@@ -12,16 +12,24 @@ from graph_passes.collapse_chains import CollapseChains
 from graph_passes.eliminate_common_subexpressions import EliminateCommonSubexpressions
 from graph_passes.fold_constants import FoldConstants
 from graph_passes.fold_shapes import FoldShapes
+from graph_passes.fuse_attention import FuseAttention
+from graph_passes.fuse_bias_gelu import FuseBiasGelu
 from graph_passes.fuse_conv_affine import FuseConvAffine
 from graph_passes.fuse_conv_bn import FuseConvBatchNorm
+from graph_passes.fuse_decoder_attention import FuseDecoderAttention
+from graph_passes.fuse_gelu import FuseGelu
 from graph_passes.fuse_layer_norm import FuseLayerNorm
+from graph_passes.fuse_rms_norm import FuseRMSNorm
+from graph_passes.fuse_skip_layer_norm import FuseSkipLayerNorm
 from graph_passes.lift_constants import LiftConstants
 from graph_passes.merge_duplicate_initializers import MergeDuplicateInitializers
+from graph_passes.raise_opset import RaiseOpset
 from graph_passes.remove_dead import RemoveDead
 from graph_passes.remove_noops import RemoveNoops
 from graph_passes.targets import Target
 
 REGISTRY: dict[str, type[GraphPass]] = {
+    RaiseOpset.name: RaiseOpset,
     FoldShapes.name: FoldShapes,
     FoldConstants.name: FoldConstants,
     LiftConstants.name: LiftConstants,
@@ -30,6 +38,12 @@ REGISTRY: dict[str, type[GraphPass]] = {
     FuseConvBatchNorm.name: FuseConvBatchNorm,
     FuseConvAffine.name: FuseConvAffine,
     FuseLayerNorm.name: FuseLayerNorm,
+    FuseAttention.name: FuseAttention,
+    FuseDecoderAttention.name: FuseDecoderAttention,
+    FuseSkipLayerNorm.name: FuseSkipLayerNorm,
+    FuseRMSNorm.name: FuseRMSNorm,
+    FuseGelu.name: FuseGelu,
+    FuseBiasGelu.name: FuseBiasGelu,
     EliminateCommonSubexpressions.name: EliminateCommonSubexpressions,
     MergeDuplicateInitializers.name: MergeDuplicateInitializers,
     RemoveDead.name: RemoveDead,

@@ -76,6 +76,13 @@ class FuseLayerNorm(GraphPass):
             logger.info("%d LayerNorm patterns need opset >= 17; left as-is", self.blocked)
         return self.result(model)
 
+    def match(self, root: ir.Node, opset: int) -> tuple | None:
+        """The decomposed LayerNorm ending at ``root`` in a model of default-domain ``opset``:
+        ``(x, gamma, beta, eps, nodes)`` or None. For passes that fuse more around it
+        (fuse_skip_layer_norm); shapes must have been inferred."""
+        self._opset = opset
+        return self._match(root)
+
     def _match(self, root: ir.Node) -> tuple | None:
         """``(x, gamma, beta, eps, nodes)`` of the pattern ending at ``root``, else None."""
         beta = None

@@ -28,6 +28,11 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 Exporter = Literal["torch-legacy", "torch-dynamo", "optimum"]
+# How the torch exports spell attention: "sdpa" (transformers' default, one
+# scaled_dot_product_attention call) or "eager" (the explicit MatMul/Div/Add/Softmax/MatMul
+# chain, which is the graph ORT's transformer optimizer knows how to fuse).
+AttnImplementation = Literal["eager", "sdpa"]
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAME = "last_hidden_state"
 EXAMPLE_TEXTS = (
@@ -35,6 +40,11 @@ EXAMPLE_TEXTS = (
     "Short one.",
     "A third sentence, of a middling length, to pad against.",
 )
+
+
+def _check_attn_implementation(value: str) -> None:
+    if value not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}: {value!r}")
 
 
 def model_dir() -> Path:
@@ -58,19 +68,23 @@ def example_inputs(texts: tuple[str, ...] | list[str] = EXAMPLE_TEXTS) -> dict[s
     return {name: np.asarray(encoded[name], dtype=np.int64) for name in INPUT_NAMES}
 
 
-def load_torch_model():
+def load_torch_model(attn_implementation: AttnImplementation = "sdpa"):
     """The encoder wrapped to take three positional tensors and return one.
 
     Both torch exporters trace positional arguments; ``BertModel.forward`` takes more
     optional arguments than we feed (``use_cache`` ...), so the wrapper passes ours by name.
+    ``attn_implementation`` picks transformers' attention code ("sdpa" is its default).
     """
+    _check_attn_implementation(attn_implementation)
     import torch
     from transformers import AutoModel
 
     class Encoder(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.bert = AutoModel.from_pretrained(model_dir(), local_files_only=True)
+            self.bert = AutoModel.from_pretrained(
+                model_dir(), local_files_only=True, attn_implementation=attn_implementation
+            )
 
         def forward(self, input_ids, attention_mask, token_type_ids):
             out = self.bert(
@@ -84,10 +98,12 @@ def load_torch_model():
     return Encoder().eval()
 
 
-def _export_torch(target: Path, *, dynamo: bool, opset: int) -> None:
+def _export_torch(
+    target: Path, *, dynamo: bool, opset: int, attn_implementation: AttnImplementation
+) -> None:
     import torch
 
-    model = load_torch_model()
+    model = load_torch_model(attn_implementation)
     feeds = example_inputs()
     args = tuple(torch.from_numpy(feeds[name]) for name in INPUT_NAMES)
     common = dict(input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME], opset_version=opset)
@@ -124,23 +140,30 @@ def _export_optimum(target: Path, *, opset: int) -> None:
 
 
 def export_minilm(
-    path: str | os.PathLike, exporter: Exporter = "torch-legacy", opset: int = 17
+    path: str | os.PathLike,
+    exporter: Exporter = "torch-legacy",
+    opset: int = 17,
+    attn_implementation: AttnImplementation = "sdpa",
 ) -> Path:
     """Export all-MiniLM-L6-v2 to ``path`` (atomically) and return the path.
 
     Inputs ``input_ids``, ``attention_mask``, ``token_type_ids`` (int64, dynamic batch and
     sequence); output ``last_hidden_state``. The model is small (~90 MB), so its weights are
-    kept inside the .onnx file.
+    kept inside the .onnx file. ``attn_implementation`` applies to the torch exporters
+    ("sdpa", transformers' default, or "eager"); Optimum chooses its own.
     """
+    _check_attn_implementation(attn_implementation)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = Path(path)
     staging = Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=path.parent))
     try:
         staged = staging / path.name
         if exporter == "torch-legacy":
-            _export_torch(staged, dynamo=False, opset=opset)
+            _export_torch(
+                staged, dynamo=False, opset=opset, attn_implementation=attn_implementation
+            )
         elif exporter == "torch-dynamo":
-            _export_torch(staged, dynamo=True, opset=opset)
+            _export_torch(staged, dynamo=True, opset=opset, attn_implementation=attn_implementation)
         elif exporter == "optimum":
             _export_optimum(staged, opset=opset)
         else:

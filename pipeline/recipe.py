@@ -31,6 +31,17 @@ ORDER_RULES: tuple[tuple[str, str], ...] = (
     ("remove_noops", "remove_dead"),
     ("eliminate_common_subexpressions", "remove_dead"),
     ("merge_duplicate_initializers", "remove_dead"),
+    # A raised opset is what lets the standard fused ops (LayerNormalization 17, Gelu 20,
+    # Attention 23) be emitted; the attention matchers need the residual Add/LayerNorm and
+    # the Q/K/V bias Adds that the skip and bias fusions would otherwise take; BiasGelu
+    # folds a bias into a Gelu that fuse_gelu made.
+    ("raise_opset", "fuse_layer_norm"),
+    ("raise_opset", "fuse_attention"),
+    ("raise_opset", "fuse_gelu"),
+    ("fuse_attention", "fuse_skip_layer_norm"),
+    ("fuse_attention", "fuse_bias_gelu"),
+    ("fuse_decoder_attention", "fuse_skip_layer_norm"),
+    ("fuse_gelu", "fuse_bias_gelu"),
 )
 
 

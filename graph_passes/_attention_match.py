@@ -1,0 +1,467 @@
+"""Matching helpers for attention fusions: head layouts, Q/K/V projections, mask biases.
+
+Exporters split heads with very different op chains (``Reshape``+``Transpose`` in the legacy
+exporter, ``Reshape``/``Transpose``/``Reshape`` through a 3-D view for K in the dynamo
+exporter, with shapes built at run time from ``Shape``/``Gather``/``Slice``/``Concat``). So
+instead of listing chains, each tensor on the way is given a *layout*: the tuple of its axes,
+each axis the tuple of *atoms* it holds in row-major order (``b`` batch, ``s`` sequence, ``h``
+heads, ``d`` head size, ``e`` model width). A projection output is ``((b,), (s,), (h, d))``;
+``Transpose`` permutes axes; ``Reshape`` regroups the flat atom sequence, which is only proven
+when every entry of its shape vector is explained (a constant whose size matches the atoms it
+takes, a dimension read with ``Shape`` from a tensor whose layout or symbolic dim is known, 0
+that copies, or one -1 that takes the rest). A chain is accepted when it ends in the exact
+layout attention needs (Q ``[b, h, s, d]``, K ``[b, h, d, s]``, V ``[b, h, s, d]``, output
+``[b, s, (h, d)]``): a reshape to the wrong head count or size cannot be explained and fails.
+
+These are plain functions so other attention fusions (decoder attention) can reuse them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from graph_passes.base import constant_array, is_standard
+
+logger = logging.getLogger(__name__)
+
+Axis = tuple[str, ...]
+Layout = tuple[Axis, ...]
+Size = int | str | None  # int, symbolic dim name, or unknown
+
+Q_LAYOUT: Layout = (("b",), ("h",), ("s",), ("d",))
+K_T_LAYOUT: Layout = (("b",), ("h",), ("d",), ("s",))
+V_LAYOUT: Layout = Q_LAYOUT
+OUT_LAYOUT: Layout = (("b",), ("s",), ("h", "d"))
+HIDDEN_LAYOUT: Layout = (("b",), ("s",), ("e",))
+
+SHAPE_OPS = ("Shape", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast")
+
+
+def is_op(node: ir.Node | None, *ops: str) -> bool:
+    """True for a standard-domain node of one of ``ops``."""
+    return node is not None and node.op_type in ops and is_standard(node)
+
+
+def producer(value: ir.Value | None, *ops: str) -> ir.Node | None:
+    """The value's producer when it is a standard node of one of ``ops``."""
+    node = None if value is None else value.producer()
+    return node if is_op(node, *ops) else None
+
+
+def dim_size(value: ir.Value, axis: int) -> Size:
+    """Static size of ``value``'s axis: an int, a symbolic name, or None."""
+    if value.shape is None or not -len(value.shape) <= axis < len(value.shape):
+        return None
+    dim = value.shape[axis]
+    if isinstance(dim, int):
+        return dim
+    name = getattr(dim, "value", None)
+    return name if isinstance(name, str) and name else None
+
+
+def scalar_constant(value: ir.Value | None) -> float | None:
+    """The value of a one-element constant, else None."""
+    array = constant_array(value)
+    if array is None or array.size != 1 or array.dtype.kind not in "fiu":
+        return None
+    return float(array.reshape(-1)[0])
+
+
+# -- layouts ---------------------------------------------------------------------------
+
+
+@dataclass
+class LayoutTracker:
+    """Layouts known so far, and the static sizes of the atoms."""
+
+    sizes: dict[str, Size]
+    layouts: dict[ir.Value, Layout] = field(default_factory=dict)
+
+    def entry_token(self, entry: tuple) -> tuple | None:
+        """Resolve one shape-vector entry to ("atoms", axis) | ("int", k) | ("sym", name)."""
+        if entry[0] == "int":
+            return entry
+        _, value, axis = entry
+        layout = self.layouts.get(value)
+        if layout is not None and axis < len(layout):
+            return ("atoms", layout[axis])
+        size = dim_size(value, axis)
+        if isinstance(size, int):
+            return ("int", size)
+        if isinstance(size, str):
+            return ("sym", size)
+        return None
+
+    def reshape(self, layout: Layout, entries: list[tuple], allowzero: int) -> Layout | None:
+        """The layout after ``Reshape(x, shape)``, or None when it cannot be proven."""
+        atoms = [a for axis in layout for a in axis]
+        tokens: list[tuple | None] = []
+        for i, entry in enumerate(entries):
+            if entry[0] == "int" and entry[1] == 0 and not allowzero:
+                tokens.append(("atoms", layout[i]) if i < len(layout) else None)
+            elif entry[0] == "int" and entry[1] == -1:
+                tokens.append(("rest",))
+            else:
+                tokens.append(self.entry_token(entry))
+        if any(t is None for t in tokens) or sum(t[0] == "rest" for t in tokens) > 1:
+            return None
+        rest = next((i for i, t in enumerate(tokens) if t[0] == "rest"), None)
+        head = tokens if rest is None else tokens[:rest]
+        out: list[Axis | None] = []
+        pos = 0
+        for token in head:
+            taken = self._take(token, atoms[pos:])
+            if taken is None:
+                return None
+            out.append(taken)
+            pos += len(taken)
+        if rest is None:
+            return tuple(out) if pos == len(atoms) else None  # type: ignore[arg-type]
+        tail_out: list[Axis] = []
+        end = len(atoms)
+        for token in reversed(tokens[rest + 1 :]):
+            taken = self._take(token, atoms[pos:end][::-1], reverse=True)
+            if taken is None:
+                return None
+            tail_out.insert(0, taken[::-1])
+            end -= len(taken)
+        if end < pos:
+            return None
+        return (*out, tuple(atoms[pos:end]), *tail_out)  # type: ignore[misc]
+
+    def _take(self, token: tuple, atoms: list[str], reverse: bool = False) -> Axis | None:
+        """The atoms ``token`` takes from the front of ``atoms`` (reversed atoms from the
+        back when ``reverse``), or None."""
+        kind = token[0]
+        if kind == "atoms":
+            want = tuple(token[1])[::-1] if reverse else tuple(token[1])
+            return want if tuple(atoms[: len(want)]) == want else None
+        if kind == "sym":
+            if atoms and self.sizes.get(atoms[0]) == token[1]:
+                return (atoms[0],)
+            return None
+        k = token[1]
+        if k == 1:
+            return (atoms[0],) if atoms and self.sizes.get(atoms[0]) == 1 else ()
+        taken: list[str] = []
+        product = 1
+        for atom in atoms:
+            if product >= k:
+                break
+            size = self.sizes.get(atom)
+            if not isinstance(size, int) or size < 1:
+                return None
+            taken.append(atom)
+            product *= size
+        return tuple(taken) if product == k and taken else None
+
+    def follow(self, node: ir.Node, layout: Layout) -> Layout | None:
+        """The layout of ``node``'s output given its data input's layout."""
+        if node.op_type in ("Mul", "Div"):
+            return layout
+        if node.op_type == "Transpose":
+            perm = node.attributes.get_ints("perm", None)
+            if perm is None:
+                perm = list(range(len(layout)))[::-1]
+            if sorted(perm) != list(range(len(layout))):
+                return None
+            return tuple(layout[p] for p in perm)
+        if node.op_type == "Reshape":
+            entries = shape_entries(node.inputs[1])
+            if entries is None:
+                return None
+            return self.reshape(layout, entries, node.attributes.get_int("allowzero", 0))
+        return None
+
+
+def shape_entries(value: ir.Value | None) -> list[tuple] | None:
+    """A 1-D int64 shape vector as entries ("int", k) or ("dim", tensor, axis), else None.
+
+    Understands constants and the shape arithmetic exporters emit: ``Shape`` (with
+    start/end), ``Gather``/``Slice`` with constant indices, ``Unsqueeze``/``Squeeze`` of
+    scalars, ``Concat`` and ``Cast``.
+    """
+    if value is None:
+        return None
+    array = constant_array(value)
+    if array is not None:
+        if array.dtype.kind not in "iu" or array.ndim > 1:
+            return None
+        return [("int", int(v)) for v in array.reshape(-1)]
+    node = value.producer()
+    if node is None or not is_op(node, *SHAPE_OPS):
+        return None
+    op = node.op_type
+    if op == "Shape":
+        data = node.inputs[0]
+        if data is None or data.shape is None:
+            return None
+        rank = len(data.shape)
+        start = node.attributes.get_int("start", 0)
+        end = node.attributes.get_int("end", rank)
+        return [("dim", data, i) for i in range(rank)[slice(start, end)]]
+    if op == "Cast":
+        return shape_entries(node.inputs[0])
+    if op in ("Unsqueeze", "Squeeze"):  # of a scalar or a 1-element vector: same entries
+        inner = shape_entries(node.inputs[0])
+        return inner if inner is not None and len(inner) == 1 else None
+    if op == "Concat":
+        if node.attributes.get_int("axis", 0) not in (0, -1):
+            return None
+        out: list[tuple] = []
+        for part in node.inputs:
+            entries = shape_entries(part)
+            if entries is None:
+                return None
+            out.extend(entries)
+        return out
+    source = shape_entries(node.inputs[0])
+    if source is None:
+        return None
+    if op == "Gather":
+        index = constant_array(node.inputs[1])
+        if index is None or node.attributes.get_int("axis", 0) != 0 or index.ndim > 1:
+            return None
+        try:
+            return [source[int(i)] for i in index.reshape(-1)]
+        except IndexError:
+            return None
+    # Slice
+    starts, ends = constant_array(node.inputs[1]), constant_array(node.inputs[2])
+    axes = constant_array(node.inputs[3]) if len(node.inputs) > 3 else None
+    steps = constant_array(node.inputs[4]) if len(node.inputs) > 4 else None
+    if starts is None or ends is None or starts.size != 1 or ends.size != 1:
+        return None
+    if axes is not None and int(axes.reshape(-1)[0]) not in (0, -1):
+        return None
+    if steps is not None and int(steps.reshape(-1)[0]) != 1:
+        return None
+    n = len(source)
+    start, end = (int(np.clip(int(v.reshape(-1)[0]), -n - 1, n + 1)) for v in (starts, ends))
+    return source[slice(start, end)]
+
+
+# -- chains ----------------------------------------------------------------------------
+
+
+@dataclass
+class Chain:
+    """A head-splitting chain from a source (a projection output) to an attention operand."""
+
+    source: ir.Value
+    nodes: list[ir.Node]  # in data-flow order, source excluded
+    scale: float  # product of the scalar Mul/Div factors along the chain
+
+
+def walk_back(value: ir.Value) -> Chain | None:
+    """Follow ``Reshape``/``Transpose``/scalar ``Mul``/``Div`` producers back to their source."""
+    nodes: list[ir.Node] = []
+    scale = 1.0
+    current = value
+    while True:
+        node = producer(current, "Reshape", "Transpose", "Mul", "Div")
+        if node is None:
+            break
+        if node.op_type == "Mul":
+            data, factor = _scalar_operand(node)
+            if data is None:
+                break
+            scale *= factor
+        elif node.op_type == "Div":
+            factor = scalar_constant(node.inputs[1])
+            if factor is None or factor == 0.0:
+                break
+            data, scale = node.inputs[0], scale / factor
+        else:
+            data = node.inputs[0]
+        nodes.append(node)
+        current = data
+    if current is None:
+        return None
+    return Chain(current, nodes[::-1], scale)
+
+
+def _scalar_operand(node: ir.Node) -> tuple[ir.Value | None, float]:
+    """For ``Mul(x, c)`` with ``c`` a one-element constant: ``(x, c)``."""
+    for data, other in (node.inputs, node.inputs[::-1]):
+        factor = scalar_constant(other)
+        if factor is not None and constant_array(data) is None:
+            return data, factor
+    return None, 1.0
+
+
+def chain_layout(tracker: LayoutTracker, chain: Chain) -> Layout | None:
+    """Follow ``chain`` from its source's known layout, recording every intermediate's."""
+    layout = tracker.layouts.get(chain.source)
+    for node in chain.nodes:
+        if layout is None:
+            return None
+        layout = tracker.follow(node, layout)
+        if layout is not None:
+            tracker.layouts[node.outputs[0]] = layout
+    return layout
+
+
+def walk_forward(tracker: LayoutTracker, value: ir.Value, target: Layout) -> list[ir.Node] | None:
+    """Single-use ``Transpose``/``Reshape`` consumers of ``value`` until ``target`` layout.
+
+    Uses by ``Shape`` nodes are ignored here; the caller must check where they lead.
+    """
+    nodes: list[ir.Node] = []
+    layout = tracker.layouts.get(value)
+    current = value
+    while layout != target:
+        # Shape readers are allowed here (legacy exports read the merged shape that way); the
+        # caller checks they only feed the pattern.
+        uses = [u for u in current.uses() if not is_op(u.node, "Shape")]
+        if len(uses) != 1 or current.is_graph_output():
+            return None
+        node = uses[0].node
+        if not is_op(node, "Transpose", "Reshape") or uses[0].idx != 0 or layout is None:
+            return None
+        layout = tracker.follow(node, layout)
+        if layout is None:
+            return None
+        current = node.outputs[0]
+        tracker.layouts[current] = layout
+        nodes.append(node)
+    return nodes
+
+
+# -- projections -----------------------------------------------------------------------
+
+
+@dataclass
+class Projection:
+    """``y = MatMul(x, weight) [+ bias]``: how Q, K and V are computed from the hidden states."""
+
+    x: ir.Value
+    weight: ir.Value
+    bias: ir.Value | None
+    matmul: ir.Node
+    add: ir.Node | None
+
+    @property
+    def nodes(self) -> list[ir.Node]:
+        return [self.matmul] + ([self.add] if self.add is not None else [])
+
+
+def match_projection(value: ir.Value) -> Projection | None:
+    """``value = MatMul(x, W) + bias`` (either Add order) or ``MatMul(x, W)``; else None."""
+    add = producer(value, "Add")
+    bias = None
+    matmul = None
+    if add is not None:
+        for a, b in (add.inputs, add.inputs[::-1]):
+            mm = producer(a, "MatMul")
+            if mm is not None and b is not None and producer(b, "MatMul") is None:
+                matmul, bias = mm, b
+                break
+        if matmul is None:
+            return None
+    else:
+        matmul = producer(value, "MatMul")
+        if matmul is None:
+            return None
+    x, weight = matmul.inputs
+    if x is None or weight is None:
+        return None
+    return Projection(x, weight, bias, matmul, add)
+
+
+# -- masks -----------------------------------------------------------------------------
+
+
+@dataclass
+class MaskBias:
+    """An additive bias ``(1 - m) * fill`` (or its ``Where`` form) from a 2-D 0/1 mask ``m``."""
+
+    mask: ir.Value  # [batch, key_sequence], any int/float/bool type
+    fill: float  # added where m == 0 (finfo.min or -10000 in today's exporters)
+
+
+def match_mask_bias(bias: ir.Value) -> MaskBias | None:
+    """Recognize the mask bias exporters compute from ``attention_mask``; else None.
+
+    Accepted (``C`` being ``m`` through Unsqueeze/Cast/Expand to ``[b, 1, 1|s, s]``)::
+
+        Mul(Sub(1, C), fill)                          (eager: transformers' inverted mask)
+        Where(Cast<bool>(Sub(1, C)), fill, Sub(1, C))  (sdpa / optimum: masked_fill)
+
+    Both give 0 where m == 1 and ``fill`` where m == 0 (masks are 0/1 by contract).
+    """
+    node = bias.producer()
+    if is_op(node, "Mul"):
+        for a, b in (node.inputs, node.inputs[::-1]):
+            fill = scalar_constant(b)
+            sub = producer(a, "Sub")
+            if fill is not None and sub is not None:
+                mask = _one_minus_mask(sub)
+                return None if mask is None else MaskBias(mask, fill)
+        return None
+    if is_op(node, "Where"):
+        cond, fill_value, other = node.inputs
+        fill = scalar_constant(fill_value)
+        cast = producer(cond, "Cast")
+        sub = producer(other, "Sub")
+        if fill is None or cast is None or sub is None or cast.inputs[0] is not other:
+            return None
+        if cast.attributes.get_int("to", 0) != ir.DataType.BOOL:
+            return None
+        mask = _one_minus_mask(sub)
+        return None if mask is None else MaskBias(mask, fill)
+    return None
+
+
+def _one_minus_mask(sub: ir.Node) -> ir.Value | None:
+    one = scalar_constant(sub.inputs[0])
+    if one != 1.0 or sub.inputs[1] is None:
+        return None
+    return _mask_source(sub.inputs[1])
+
+
+def _mask_source(value: ir.Value) -> ir.Value | None:
+    """The 2-D mask behind Unsqueeze/Cast/Expand that puts it at ``[b, 1, 1, s]``."""
+    chain: list[ir.Node] = []
+    current = value
+    while True:
+        node = producer(current, "Unsqueeze", "Cast", "Expand")
+        if node is None:
+            break
+        chain.append(node)
+        current = node.inputs[0]
+    if current is None or current.shape is None or len(current.shape) != 2:
+        return None
+    dtype = current.dtype
+    if dtype is None or not (
+        dtype.is_floating_point() or dtype.is_integer() or dtype == ir.DataType.BOOL
+    ):
+        return None
+    positions, rank = [0, 1], 2
+    for node in reversed(chain):
+        if node.op_type == "Cast":
+            continue
+        if node.op_type == "Expand":
+            target = node.inputs[1]
+            n = None if target is None or target.shape is None else target.shape[0]
+            if not isinstance(n, int) or n > rank:
+                return None  # a longer target would prepend axes
+            continue
+        axes = node.attributes.get_ints("axes", None)
+        if axes is None and len(node.inputs) > 1:
+            array = constant_array(node.inputs[1])
+            axes = None if array is None else [int(a) for a in array.reshape(-1)]
+        if axes is None:
+            return None
+        new_rank = rank + len(axes)
+        axes = sorted(a % new_rank for a in axes)
+        kept = [i for i in range(new_rank) if i not in axes]
+        positions = [kept[p] for p in positions]
+        rank = new_rank
+    if rank != 4 or positions != [0, 3]:
+        return None
+    return current
