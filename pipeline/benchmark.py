@@ -59,13 +59,18 @@ def compare_latency(
     rounds: int = 15,
     max_slowdown: float = 0.05,
     intra_op_threads: int | None = None,
+    providers: list | None = None,
 ) -> LatencyComparison:
-    """Measure both models interleaved and say whether the optimized one is slower."""
+    """Measure both models interleaved and say whether the optimized one is slower.
+
+    ``providers`` is an InferenceSession ``providers=`` list (names or (name, options)
+    pairs, see ``pipeline.providers.Resolution.session_providers``); default CPU.
+    """
     session_a = runners.create_session(
-        original, optimization="all", intra_op_threads=intra_op_threads
+        original, optimization="all", intra_op_threads=intra_op_threads, providers=providers
     )
     session_b = runners.create_session(
-        optimized, optimization="all", intra_op_threads=intra_op_threads
+        optimized, optimization="all", intra_op_threads=intra_op_threads, providers=providers
     )
     for session in (session_a, session_b):  # warm-up: allocations, first-run caches
         for _ in range(3):

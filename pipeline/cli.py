@@ -19,6 +19,7 @@ from rich.table import Table
 from pipeline.compare import Tolerance
 from pipeline.errors import EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, UserError, VerificationFailed
 from pipeline.pass_manager import PassRecord
+from pipeline.providers import ProviderRequest, parse_provider_options
 from pipeline.recipe import Recipe
 from pipeline.report import Report, write_report
 
@@ -39,6 +40,16 @@ def _pick_target(target: str | None, portable: bool) -> str | None:
     return "portable" if portable else target
 
 
+def _provider_request(
+    text: str, allow_fallback: bool, options: list[str] | None, target: str | None, portable: bool
+) -> ProviderRequest:
+    """Validate --provider/--provider-option now; TensorRT cannot take a contrib-op graph."""
+    request = ProviderRequest(text, allow_fallback, parse_provider_options(options))
+    if request.names[0] == "tensorrt" and _pick_target(target, portable) in ("cpu", "cuda"):
+        raise UserError(f"--provider tensorrt needs the portable graph; drop --target {target}")
+    return request
+
+
 def _parse_output_tolerances(texts: list[str] | None, recipe: Recipe) -> dict[str, Tolerance]:
     """``name=RTOL,ATOL`` strings -> per-output Tolerance (fp16 ulps as the recipe's)."""
     parsed: dict[str, Tolerance] = {}
@@ -52,6 +63,35 @@ def _parse_output_tolerances(texts: list[str] | None, recipe: Recipe) -> dict[st
         except ValueError as exc:
             raise UserError(f"--output-tol expects name=RTOL,ATOL, got '{text}' ({exc})") from exc
     return parsed
+
+
+def _quantize_options(
+    precision: str,
+    calibration: Path | None,
+    method: str,
+    max_cosine_drop: float | None,
+    exclude_nodes: str | None,
+    block_size: int,
+    algorithm: str,
+    provider: str,
+):
+    """Validate the precision flags now (exit 2 on a bad value, before any work)."""
+    from pipeline.quantize import QuantizeOptions
+
+    device = "cuda" if provider.split(",")[0].strip() in ("cuda", "tensorrt") else "cpu"
+    try:
+        return QuantizeOptions(
+            precision=precision,
+            calibration=calibration,
+            calibration_method=method,
+            max_cosine_drop=max_cosine_drop,
+            exclude_nodes=tuple(_split(exclude_nodes) or ()),
+            int4_block_size=block_size,
+            int4_algorithm=algorithm,
+            device=device,
+        )
+    except ValueError as exc:
+        raise UserError(f"--precision options: {exc}") from exc
 
 
 class ConsoleListener:
@@ -94,6 +134,10 @@ def _summary(report: Report) -> Table:
             f"{lat['median_ms_original']:.3f}",
             f"{lat['median_ms_optimized']:.3f}  ({lat['ratio']:.2f}x ±{lat['noise']:.2f})",
         )
+    if report.quantization:
+        check = report.quantization.get("final_check") or {}
+        table.add_row("precision", "fp32", f"{report.quantization['precision']}")
+        table.add_row("accuracy", "", check.get("summary", ""))
     if report.parity:
         worst = max((o["max_abs_error"] or 0.0 for o in report.parity["outputs"]), default=0.0)
         table.add_row(
@@ -101,6 +145,9 @@ def _summary(report: Report) -> Table:
             "",
             f"{'pass' if report.parity['passed'] else 'FAIL'} (max abs err {worst:.2e})",
         )
+    if report.provider:
+        fallback = " (fallback)" if report.provider["fallback"] else ""
+        table.add_row("provider", "", f"{report.provider['resolved']}{fallback}")
     return table
 
 
@@ -176,6 +223,47 @@ def optimize(
         typer.Option(help="Keep weights that old exporters also listed as graph inputs as inputs."),
     ] = False,
     seed: Annotated[int, typer.Option(help="Seed for generated inputs.")] = 0,
+    provider: Annotated[
+        str,
+        typer.Option(
+            help="cpu | cuda | tensorrt | auto, or an ordered list (tensorrt,cuda,cpu). "
+            "Probed for real; one that does not work is an error unless --allow-fallback."
+        ),
+    ] = "cpu",
+    allow_fallback: Annotated[
+        bool,
+        typer.Option(help="Run on CPU when the requested provider does not work (reported)."),
+    ] = False,
+    provider_option: Annotated[
+        list[str] | None,
+        typer.Option(help="Provider option KEY=VALUE, e.g. trt_fp16_enable=1 (repeatable)."),
+    ] = None,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="fp32 | fp16 | int8-dynamic | int8-static | int4 | auto (fastest tier within "
+            "the accuracy budget, measured)."
+        ),
+    ] = "fp32",
+    calibration: Annotated[
+        Path | None,
+        typer.Option(help="Calibration data for int8-static / int4 gptq: a folder of .npz/.npy."),
+    ] = None,
+    calibration_method: Annotated[
+        str, typer.Option(help="minmax | entropy | percentile (int8-static).")
+    ] = "minmax",
+    max_cosine_drop: Annotated[
+        float | None,
+        typer.Option(
+            help="Accuracy budget: 1 - mean cosine to fp32 allowed on every float output "
+            "(default per tier: fp16 0.001, int8 0.01, int4 0.02)."
+        ),
+    ] = None,
+    exclude_nodes: Annotated[
+        str | None, typer.Option(help="Comma-separated node names never quantized.")
+    ] = None,
+    int4_block_size: Annotated[int, typer.Option(help="int4 MatMulNBits block size.")] = 32,
+    int4_algorithm: Annotated[str, typer.Option(help="rtn | hqq | gptq (int4).")] = "rtn",
     list_passes: Annotated[
         bool, typer.Option(help="List registered passes and recipes, then exit.")
     ] = False,
@@ -226,6 +314,17 @@ def optimize(
             allow_unverified=allow_unverified,
             keep_initializer_inputs=keep_initializer_inputs,
             seed=seed,
+            provider=_provider_request(provider, allow_fallback, provider_option, target, portable),
+            quantize=_quantize_options(
+                precision,
+                calibration,
+                calibration_method,
+                max_cosine_drop,
+                exclude_nodes,
+                int4_block_size,
+                int4_algorithm,
+                provider,
+            ),
         )
         result = run(options, sink, ConsoleListener(quiet))
         console.print(_summary(result))
@@ -260,7 +359,12 @@ def optimize(
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point; ``optimize.py bench ...`` is the benchmark harness."""
+    if sys.argv[1:2] == ["bench"]:
+        from pipeline.bench_cli import main as bench_main
+
+        bench_main(sys.argv[2:])
+        return
     try:
         app()
     except KeyboardInterrupt:

@@ -106,8 +106,13 @@ class Report:
     passes: list[dict] = field(default_factory=list)
     rolled_back: dict[str, str] = field(default_factory=dict)
     iterations: int = 0
+    # pipeline.fusion_report rows: {fusion, expected, achieved, note} for the model's family.
+    fusions: list[dict] = field(default_factory=list)
     parity: dict | None = None
     latency: dict | None = None
+    provider: dict | None = None  # pipeline.providers.Resolution.to_dict() + "check"
+    # pipeline.quantize.QuantizeResult.to_dict() + final_check; None when not quantized.
+    quantization: dict | None = None
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     schema_version: str = SCHEMA_VERSION

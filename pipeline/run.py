@@ -25,10 +25,13 @@ import onnxruntime as ort
 from graph_passes import create_pass
 from graph_passes.targets import Target
 from pipeline import inputs as inputs_mod
+from pipeline import providers as providers_mod
+from pipeline import quantize as quantize_mod
 from pipeline import runners
 from pipeline.benchmark import compare_latency
 from pipeline.compare import Tolerance
 from pipeline.errors import UserError, VerificationFailed
+from pipeline.fusion_report import expected_fusions
 from pipeline.load import (
     detach_initializer_inputs,
     file_sha256,
@@ -59,6 +62,10 @@ class RunOptions:
     allow_unverified: bool = False
     keep_initializer_inputs: bool = False
     seed: int = 0
+    # --provider / --allow-fallback / --provider-option; None is plain CPU, as before.
+    provider: providers_mod.ProviderRequest | None = None
+    # --precision and friends; None (or precision fp32) skips the quantize stage.
+    quantize: quantize_mod.QuantizeOptions | None = None
 
 
 class Listener(Protocol):
@@ -73,6 +80,14 @@ class _Silent:
 
     def record(self, record: PassRecord) -> None:
         logger.info("pass %s: %s", record.name, record.verification)
+
+
+def _check_fusions(original: ir.Model, optimized: ir.Model, recipe: Recipe, report: Report):
+    """Expected vs. achieved fusions into the report; a shortfall is a loud warning."""
+    target = Target(recipe.target, recipe.raise_opset_to)
+    rows = expected_fusions(original.clone(), optimized.clone(), target)
+    report.fusions = [dataclasses.asdict(row) for row in rows]
+    report.warnings.extend(f"fusion shortfall: {row.note}" for row in rows if row.note)
 
 
 def _check_paths(options: RunOptions) -> None:
@@ -189,6 +204,31 @@ def _line(exc: object) -> str:
     return " ".join(str(exc).split())[:300]
 
 
+def _resolve_provider(
+    options: RunOptions, recipe: Recipe, report: Report, listener: Listener
+) -> tuple[Recipe, providers_mod.Resolution]:
+    """Probe the requested provider before the heavy work; a TensorRT or CUDA run also
+    changes the graph target (TensorRT takes standard ONNX only)."""
+    request = options.provider or providers_mod.ProviderRequest()
+    if request.names != ("cpu",):
+        listener.stage(f"provider ({request.text})")
+    try:
+        resolution = providers_mod.resolve(request)
+    except providers_mod.ProviderUnavailable as exc:
+        report.provider = exc.to_dict()
+        raise
+    report.provider = resolution.to_dict()
+    target, note = providers_mod.target_for(resolution.resolved, recipe.target)
+    if note:
+        recipe = recipe.with_overrides(target=target)
+        report.recipe["target"] = target
+        resolution.notes.append(note)
+        report.provider = resolution.to_dict()
+    if resolution.fallback:
+        report.warnings.append(f"provider: {resolution.reason}")
+    return recipe, resolution
+
+
 def run(options: RunOptions, report_sink: list[Report], listener: Listener | None = None) -> Report:
     """Optimize one model. The report is appended to ``report_sink`` as soon as it exists,
     so a caller can write it even when this raises."""
@@ -207,6 +247,7 @@ def run(options: RunOptions, report_sink: list[Report], listener: Listener | Non
         detach_initializer_inputs(model)
     report.warnings.extend(load_notes(model))
     report.seconds["load"] = time.perf_counter() - started
+    recipe, resolution = _resolve_provider(options, recipe, report, listener)
 
     listener.stage("reference run")
     sets, reference = _reference_run(model, options, report)
@@ -243,6 +284,7 @@ def run(options: RunOptions, report_sink: list[Report], listener: Listener | Non
     report.rolled_back = dict(result.rolled_back)
     report.iterations = result.iterations
     optimized = result.model
+    _check_fusions(original, optimized, recipe, report)
 
     listener.stage("final verification")
     verdict = verifier.verify(optimized)
@@ -252,7 +294,34 @@ def run(options: RunOptions, report_sink: list[Report], listener: Listener | Non
             f"optimized model fails verification at {verdict.stage}: {verdict.reason}"
         )
 
-    changed = any(r.modified and r.verification != "rolled_back" for r in result.records)
+    if resolution.resolved != "cpu" and verifier.can_run:
+        listener.stage(f"parity and placement on {resolution.resolved}")
+    check = providers_mod.check_on_provider(
+        optimized, resolution, sets, reference, tolerance, options.output_tolerances
+    )
+    report.provider = {**resolution.to_dict(), "check": check}
+    if check.get("passed") is False:
+        raise VerificationFailed(
+            f"optimized model fails parity on {resolution.resolved}: {check['summary']}"
+        )
+    latency_providers = None if resolution.resolved == "cpu" else resolution.session_providers()
+
+    lowered = options.quantize is not None and options.quantize.precision != "fp32"
+    if lowered:
+        # After the fp32 checks above (a pass bug is never blamed on quantization); the
+        # lowered model is checked against the ORIGINAL outputs with its cosine budget.
+        listener.stage(f"quantize {options.quantize.precision}")
+        t0 = time.perf_counter()
+        optimized, report.quantization = quantize_mod.run_stage(
+            optimized, options.quantize, sets, reference
+        )
+        report.seconds["quantize"] = time.perf_counter() - t0
+        report.warnings.extend(report.quantization.get("notes", []))
+        failure = quantize_mod.stage_failure(report.quantization)
+        if failure:
+            raise VerificationFailed(failure)
+
+    changed = lowered or any(r.modified and r.verification != "rolled_back" for r in result.records)
     if recipe.speed.check and verifier.can_run and changed:
         listener.stage("speed check")
         latency = compare_latency(
@@ -261,6 +330,7 @@ def run(options: RunOptions, report_sink: list[Report], listener: Listener | Non
             sets[0],
             rounds=recipe.speed.rounds,
             max_slowdown=recipe.speed.max_slowdown,
+            providers=latency_providers,
         )
         if latency.verdict == "slower":
             # A slowdown fails the run, so it must be confirmed: a busy machine can make one
@@ -272,6 +342,7 @@ def run(options: RunOptions, report_sink: list[Report], listener: Listener | Non
                 sets[0],
                 rounds=2 * recipe.speed.rounds,
                 max_slowdown=recipe.speed.max_slowdown,
+                providers=latency_providers,
             )
             report.warnings.append(
                 f"first speed measurement said {first.ratio:.3f}x (noise {first.noise:.3f}); "

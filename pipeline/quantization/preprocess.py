@@ -1,0 +1,187 @@
+"""Make a model quantizable: opset >= 13, shapes known, no calibration-breaking constants.
+
+Three failures of ONNX Runtime's quantizer that this module exists to prevent:
+
+1. **Per-channel QDQ on opset < 13.** ``DequantizeLinear`` gained its ``axis`` attribute in
+   opset 13; on an opset-12 model (Paddle exports many) ORT still writes per-channel
+   ``DequantizeLinear`` nodes with ``axis`` and the result fails the checker. So int8 tiers
+   raise the opset to 13 first, with ONNX's version converter; when that converter cannot
+   handle the model (contrib ops), the opset import alone is bumped, but only when every
+   default-domain op in the graph has the same schema at both versions (then nothing changes
+   in meaning).
+2. **Unknown shapes.** The quantizer skips tensors whose shape it cannot see, and on a fused
+   model (``com.microsoft`` ops from our passes or ORT's) plain ONNX shape inference stops at
+   the first contrib op. ORT's ``quant_pre_process`` runs ORT's symbolic shape inference
+   (which knows the contrib ops) and then ONNX's; its graph optimizer is skipped because our
+   own verified passes already ran and an unverified rewrite here would defeat them.
+3. **float-min / -inf mask constants.** Exporters write attention masks as
+   ``Where(mask, -3.4e38, scores)`` or ``(1 - mask) * float32.min``. A histogram calibrator
+   (Entropy, Percentile) builds 128 bins over ``[-max|x|, max|x|]``; with ``|x| = 3.4e38``
+   numpy cannot make finite bins and raises "Too many bins for data range". For calibration
+   only, such constants are clamped to +-1e4 (``exp(-1e4)`` is 0 in float32, so the softmax
+   is unchanged); the shipped model keeps its original constants.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+logger = logging.getLogger(__name__)
+
+MIN_QDQ_OPSET = 13
+MASK_LIMIT = 1e30  # constants at or beyond this magnitude (or infinite) are mask sentinels
+MASK_CLAMP = 1e4
+_TWO_GB = 2**31 - 1
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's ai.onnx opset (0 when it imports none)."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 0
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _all_nodes(sub)
+
+
+def _schemas_unchanged(model: onnx.ModelProto, old: int, new: int) -> list[str]:
+    """Default-domain op types whose schema differs between opsets ``old`` and ``new``."""
+    changed = set()
+    for node in _all_nodes(model.graph):
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            before = onnx.defs.get_schema(node.op_type, old, "").since_version
+            after = onnx.defs.get_schema(node.op_type, new, "").since_version
+        except onnx.defs.SchemaError:
+            changed.add(node.op_type)
+            continue
+        if before != after:
+            changed.add(node.op_type)
+    return sorted(changed)
+
+
+def raise_opset(
+    model: onnx.ModelProto, minimum: int = MIN_QDQ_OPSET
+) -> tuple[onnx.ModelProto, str]:
+    """Return ``model`` at ai.onnx opset >= ``minimum`` and a note ('' when nothing changed).
+
+    Raises:
+        ValueError: the opset cannot be raised without changing the model's meaning.
+    """
+    current = default_opset(model)
+    if current >= minimum:
+        return model, ""
+    try:
+        converted = onnx.version_converter.convert_version(model, minimum)
+        onnx.checker.check_model(converted)
+        return converted, f"opset raised {current} -> {minimum} (ONNX version converter)"
+    except Exception as exc:  # the converter rejects contrib ops and some old patterns
+        reason = " ".join(str(exc).split())[:200]
+    changed = _schemas_unchanged(model, current, minimum)
+    if changed:
+        raise ValueError(
+            f"cannot raise opset {current} -> {minimum} for per-channel QDQ: the version "
+            f"converter failed ({reason}) and ops {', '.join(changed)} change meaning between "
+            "the two; use --no-per-channel or convert the model first"
+        )
+    bumped = copy.deepcopy(model)
+    for entry in bumped.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = minimum
+    return bumped, (
+        f"opset import raised {current} -> {minimum} (no op in the graph changes schema "
+        f"between them; the version converter failed: {reason})"
+    )
+
+
+def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+    """Symbolic (contrib-aware) then ONNX shape inference; a failure is a note, not an error."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        large = model.ByteSize() > _TWO_GB
+    except Exception:  # protobuf refuses to size messages beyond 2 GB on some builds
+        large = True
+    with tempfile.TemporaryDirectory(prefix="ovo-quant-pre-") as tmp:
+        target = Path(tmp) / "pre.onnx"
+        attempts = (
+            {"skip_symbolic_shape": False, "auto_merge": True, "guess_output_rank": True},
+            {"skip_symbolic_shape": True},
+        )
+        errors = []
+        for kwargs in attempts:
+            try:
+                # ORT's symbolic inference saves "sym_shape_infer_temp.onnx" into the working
+                # directory when it gives up: keep that debris inside the scratch folder.
+                with contextlib.chdir(tmp):
+                    quant_pre_process(
+                        copy.deepcopy(model),
+                        target,
+                        skip_optimization=True,
+                        save_as_external_data=large,
+                        **kwargs,
+                    )
+                result = onnx.load(str(target))
+                note = "" if not errors else f"symbolic shape inference failed: {errors[0]}"
+                return result, note
+            except Exception as exc:  # shape inference is best effort by design
+                errors.append(" ".join(str(exc).split())[:200])
+                logger.debug("quant_pre_process %s failed: %s", kwargs, exc)
+    return model, f"shape inference failed, quantizing without it: {errors[-1]}"
+
+
+def clamp_mask_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy with +-inf / |x| >= 1e30 float constants clamped to +-1e4, and their names.
+
+    Only float initializers and ``Constant`` nodes are touched; NaN is left alone (it is a
+    bug in the model, not a mask).
+    """
+    clamped = copy.deepcopy(model)
+    names: list[str] = []
+
+    def fix(tensor: onnx.TensorProto, name: str) -> None:
+        if tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            return
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or np.prod(tensor.dims) > 1 << 20:
+            return  # masks are small; big weights are never sentinels
+        array = numpy_helper.to_array(tensor)
+        extreme = np.isinf(array) | (np.abs(np.nan_to_num(array)) >= MASK_LIMIT)
+        if not extreme.any():
+            return
+        fixed = np.where(extreme, np.sign(array) * MASK_CLAMP, array).astype(array.dtype)
+        tensor.CopyFrom(numpy_helper.from_array(fixed, tensor.name))
+        names.append(name)
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for init in graph.initializer:
+            fix(init, init.name)
+        for node in graph.node:
+            for attr in node.attribute:
+                if node.op_type == "Constant" and attr.name == "value":
+                    fix(attr.t, node.output[0])
+                elif attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for sub in attr.graphs:
+                        walk(sub)
+
+    walk(clamped.graph)
+    return clamped, names

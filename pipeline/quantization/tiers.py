@@ -1,0 +1,285 @@
+"""One function per precision tier, each a thin, explicit call into ONNX Runtime's tools.
+
+Every function reads a prepared fp32 model from a path and writes the lowered model to
+another path; none decides whether the result is good (``guard`` does, by measurement).
+
+* ``int8_dynamic``: ``quantize_dynamic`` (QOperator: ``DynamicQuantizeLinear`` +
+  ``MatMulInteger``/``ConvInteger``, fused by ORT into ``DynamicQuantizeMatMul``); weights
+  int8 (symmetric by default), per-channel optional, activations uint8 scaled per run.
+* ``int8_static``: calibration (MinMax / Entropy / Percentile) through ORT's calibrators,
+  written to ORT's JSON calibration cache, then ``quantize_static`` in QDQ (default) or
+  QOperator format reading that cache. Calibrating separately lets us calibrate a copy with
+  clamped mask constants (see ``preprocess``) while quantizing the untouched model.
+* ``fp16``: ``onnxruntime.transformers.float16.convert_float_to_float16`` with
+  ``keep_io_types`` and an op block list, then ``remove_redundant_casts``.
+* ``int4``: ``MatMulNBitsQuantizer`` (weight-only ``MatMulNBits``): RTN (ORT's native
+  blockwise round-to-nearest, ``DefaultWeightOnlyQuantConfig``), HQQ, or GPTQ with
+  calibration data.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
+QUANT_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+# Weight-bearing ops: where int8 pays (int8 GEMM/conv kernels) and where the error budget is
+# well spent. Element-wise ops are left float by default: in a transformer, quantizing the
+# Add that applies the attention mask would put -1e4 and the scores on one int8 scale.
+WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+# Cheap ops ORT fuses into QLinearConv chains in CNNs (no Softmax in the graph).
+CNN_EXTRA_OPS = ("Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "Add", "Concat")
+MAX_INTERMEDIATE_OUTPUTS = 16
+_TWO_GB = 2**31 - 1
+
+
+def default_op_types(model: onnx.ModelProto, static: bool, exclude: Sequence[str]) -> list[str]:
+    """Op types to quantize: weight ops, plus CNN glue ops for static models without Softmax."""
+    ops = list(WEIGHT_OPS)
+    has_softmax = any(n.op_type == "Softmax" for n in model.graph.node)
+    if static and not has_softmax and any(n.op_type == "Conv" for n in model.graph.node):
+        ops += CNN_EXTRA_OPS
+    return [op for op in ops if op not in set(exclude)]
+
+
+def _large(model_path: Path) -> bool:
+    return model_path.stat().st_size > _TWO_GB or any(
+        p.suffix == ".data" for p in model_path.parent.iterdir()
+    )
+
+
+def int8_dynamic(
+    model_path: Path,
+    out_path: Path,
+    *,
+    op_types: Sequence[str],
+    per_channel: bool,
+    reduce_range: bool,
+    symmetric_weights: bool,
+    exclude_nodes: Sequence[str],
+) -> None:
+    quantize_dynamic(
+        model_path,
+        out_path,
+        op_types_to_quantize=list(op_types),
+        per_channel=per_channel,
+        reduce_range=reduce_range,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=list(exclude_nodes),
+        use_external_data_format=_large(model_path),
+        extra_options={"WeightSymmetric": symmetric_weights, "MatMulConstBOnly": True},
+    )
+
+
+def calibrate(
+    calibration_model: Path,
+    cache_path: Path,
+    reader: CalibrationDataReader,
+    *,
+    method: str,
+    op_types: Sequence[str],
+) -> None:
+    """Run ORT's calibrator over ``reader`` and write the ranges to ORT's JSON cache."""
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    options = {}
+    if method == "minmax":
+        options["max_intermediate_outputs"] = MAX_INTERMEDIATE_OUTPUTS
+    with tempfile.TemporaryDirectory(prefix="ovo-calib-") as tmp:
+        calibrator = create_calibrator(
+            calibration_model,
+            list(op_types),
+            augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            calibrate_method=CALIBRATION_METHODS[method],
+            use_external_data_format=_large(calibration_model),
+            providers=["CPUExecutionProvider"],
+            extra_options=options,
+        )
+        calibrator.collect_data(reader)
+        ranges = calibrator.compute_data()
+        del calibrator
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    save_tensors_data(ranges, cache_path)
+
+
+def int8_static(
+    model_path: Path,
+    out_path: Path,
+    *,
+    cache_path: Path,
+    method: str,
+    op_types: Sequence[str],
+    per_channel: bool,
+    reduce_range: bool,
+    activation_type: str,
+    symmetric_weights: bool,
+    exclude_nodes: Sequence[str],
+    quant_format: str = "qdq",
+) -> None:
+    """Quantize with ranges read from ``cache_path`` (written by ``calibrate``)."""
+    quantize_static(
+        model_path,
+        out_path,
+        None,
+        quant_format=QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator,
+        op_types_to_quantize=list(op_types),
+        per_channel=per_channel,
+        reduce_range=reduce_range,
+        activation_type=QUANT_TYPES[activation_type],
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=list(exclude_nodes),
+        use_external_data_format=_large(model_path),
+        calibrate_method=CALIBRATION_METHODS[method],
+        calibration_cache_path=cache_path,
+        extra_options={
+            "WeightSymmetric": symmetric_weights,
+            # int8 activations must be symmetric for S8S8 kernels to avoid a zero-point shift
+            "ActivationSymmetric": activation_type == "int8",
+        },
+    )
+
+
+def fp16(
+    model: onnx.ModelProto,
+    *,
+    keep_io_types: bool,
+    op_block_list: Sequence[str],
+    node_block_list: Sequence[str],
+) -> tuple[onnx.ModelProto, int]:
+    """fp16 weights and compute; returns the model and how many Cast pairs were removed."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    converted = convert_float_to_float16(
+        model,
+        keep_io_types=keep_io_types,
+        op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(op_block_list)),
+        node_block_list=list(node_block_list),
+        disable_shape_infer=False,
+    )
+    removed = remove_redundant_casts(converted.graph)
+    return converted, removed
+
+
+_WIDER = {
+    (onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT),
+    (onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE),
+    (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE),
+    (onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT),
+}
+
+
+def remove_redundant_casts(graph: onnx.GraphProto) -> int:
+    """Remove ``Cast(to=B)`` of ``Cast(to=A)`` of a B tensor when A is wider than B.
+
+    Widening then narrowing back is exact (every fp16 value is a float32 value), so the
+    pair is an identity. The reverse (fp32 -> fp16 -> fp32) rounds and is kept. The middle
+    tensor must feed only the second Cast and not be a graph output. Returns pairs removed.
+    """
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in graph.output}
+    elem_types = {
+        v.name: v.type.tensor_type.elem_type
+        for v in [*graph.input, *graph.value_info, *graph.output]
+    }
+    elem_types.update({i.name: i.data_type for i in graph.initializer})
+    for node in graph.node:
+        if node.op_type == "Cast":
+            elem_types[node.output[0]] = next(a.i for a in node.attribute if a.name == "to")
+
+    dead: set[int] = set()
+    rename: dict[str, str] = {}
+    for second in graph.node:
+        if second.op_type != "Cast" or second.domain not in ("", "ai.onnx"):
+            continue
+        first = producers.get(second.input[0])
+        if first is None or first.op_type != "Cast" or id(first) in dead:
+            continue
+        source = first.input[0]
+        narrow, wide = elem_types.get(source), elem_types.get(first.output[0])
+        if narrow is None or elem_types.get(second.output[0]) != narrow:
+            continue
+        if (narrow, wide) not in _WIDER:
+            continue
+        middle = first.output[0]
+        if middle in graph_outputs or len(consumers.get(middle, [])) != 1:
+            continue
+        if second.output[0] in graph_outputs:
+            continue  # the output name must survive; keeping one Cast pair is cheap
+        rename[second.output[0]] = source
+        dead.update({id(first), id(second)})
+    if not dead:
+        return 0
+    kept = [n for n in graph.node if id(n) not in dead]
+    for node in kept:
+        for index, name in enumerate(node.input):
+            while name in rename:
+                name = rename[name]
+            node.input[index] = name
+    del graph.node[:]
+    graph.node.extend(kept)
+    return len(dead) // 2
+
+
+def int4(
+    model: onnx.ModelProto,
+    *,
+    block_size: int,
+    algorithm: str,
+    symmetric: bool,
+    exclude_nodes: Sequence[str],
+    reader: CalibrationDataReader | None,
+) -> onnx.ModelProto:
+    """Weight-only 4-bit ``MatMulNBits`` for MatMuls with constant weights."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        GPTQWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    if algorithm == "rtn":
+        config = DefaultWeightOnlyQuantConfig(
+            block_size=block_size, is_symmetric=symmetric, op_types_to_quantize=("MatMul",)
+        )
+    elif algorithm == "hqq":
+        config = HQQWeightOnlyQuantConfig(block_size=block_size, op_types_to_quantize=("MatMul",))
+    elif algorithm == "gptq":
+        if reader is None:
+            raise ValueError("int4 gptq needs calibration data")
+        config = GPTQWeightOnlyQuantConfig(
+            calibration_data_reader=reader, block_size=block_size, op_types_to_quantize=("MatMul",)
+        )
+    else:
+        raise ValueError(f"unknown int4 algorithm {algorithm!r}")
+    quantizer = MatMulNBitsQuantizer(
+        model,
+        block_size=block_size,
+        is_symmetric=symmetric,
+        nodes_to_exclude=list(exclude_nodes),
+        algo_config=config,
+    )
+    quantizer.process()
+    return quantizer.model.model

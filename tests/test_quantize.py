@@ -1,0 +1,598 @@
+"""Precision tiers on small models: each tier, the accuracy guard, and the preprocessing fixes.
+
+Models are built with onnx.helper (weights from a fixed seed) so every case is small and its
+expected outcome is known: which ops appear, which node is sensitive, which ORT call crashes
+without our fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from pipeline.quantization import guard, preprocess, tiers
+from pipeline.quantization.isa import choose_int8_types
+from pipeline.quantize import QuantizeOptions, quantize_model
+
+ROOT = Path(__file__).resolve().parents[1]
+RNG = np.random.default_rng(0)
+FLOAT_MIN = float(np.finfo(np.float32).min)
+
+
+def _save(model: onnx.ModelProto, path: Path) -> Path:
+    model.ir_version = 9
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)
+    return path
+
+
+def _weight(name: str, shape, scale: float = 0.1) -> onnx.TensorProto:
+    return numpy_helper.from_array((RNG.standard_normal(shape) * scale).astype(np.float32), name)
+
+
+def mlp(path: Path, hidden: int = 64, opset: int = 17) -> Path:
+    """x[batch, 64] -> MatMul -> Relu -> MatMul -> y[batch, 32] (K = 64 >= the int4 block)."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 32])],
+        [_weight("w1", (64, hidden)), _weight("w2", (hidden, 32))],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), path)
+
+
+def feeds(n: int = 3, batch: int = 4, width: int = 64, seed: int = 1) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((batch, width)).astype(np.float32)} for _ in range(n)]
+
+
+def ops(path: Path) -> Counter:
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def run(path: Path, feed: dict) -> list[np.ndarray]:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+def test_int8_dynamic(tmp_path):
+    src = mlp(tmp_path / "mlp.onnx")
+    result = quantize_model(
+        src, tmp_path / "q.onnx", QuantizeOptions("int8-dynamic"), reference_feeds=feeds()
+    )
+    found = ops(tmp_path / "q.onnx")
+    assert found["MatMul"] == 0 and found["DynamicQuantizeLinear"] == 2, found
+    assert found["MatMulInteger"] == 2
+    assert result.within_budget and result.accuracy["y"] > 0.99
+    assert result.excluded_nodes == [] and result.quantized_nodes == 2
+    assert run(tmp_path / "q.onnx", feeds(1)[0])[0].shape == (4, 32)
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+def test_int8_static_each_method(tmp_path, method):
+    src = mlp(tmp_path / "mlp.onnx")
+    result = quantize_model(
+        src,
+        tmp_path / "q.onnx",
+        QuantizeOptions("int8-static", calibration_method=method, cache_dir=tmp_path / "cache"),
+        reference_feeds=feeds(),
+        calibration_feeds=feeds(4, seed=7),
+    )
+    found = ops(tmp_path / "q.onnx")
+    assert found["QuantizeLinear"] >= 2 and found["DequantizeLinear"] >= 4, found
+    assert result.within_budget, result.summary
+    assert result.accuracy["y"] > 0.98
+    cached = list((tmp_path / "cache").glob(f"calibration-*-{method}-*.json"))
+    assert len(cached) == 1
+    # A second run with the same model and data reuses the cache instead of calibrating.
+    again = quantize_model(
+        src,
+        tmp_path / "q2.onnx",
+        QuantizeOptions("int8-static", calibration_method=method, cache_dir=tmp_path / "cache"),
+        reference_feeds=feeds(),
+        calibration_feeds=feeds(4, seed=7),
+    )
+    assert any("from cache" in n for n in again.notes)
+
+
+def test_static_without_calibration_says_so_loudly(tmp_path):
+    src = mlp(tmp_path / "mlp.onnx")
+    result = quantize_model(
+        src, tmp_path / "q.onnx", QuantizeOptions("int8-static"), reference_feeds=feeds()
+    )
+    assert any("GENERATED" in n and "meaningless" not in n for n in result.notes)
+    assert any("say nothing about real data" in n for n in result.notes)
+
+
+def test_fp16_keeps_io_types_and_warns_on_cpu(tmp_path):
+    src = mlp(tmp_path / "mlp.onnx")
+    result = quantize_model(
+        src, tmp_path / "h.onnx", QuantizeOptions("fp16"), reference_feeds=feeds()
+    )
+    model = onnx.load(str(tmp_path / "h.onnx"))
+    assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert {i.data_type for i in model.graph.initializer} == {TensorProto.FLOAT16}
+    assert any("SLOWER" in n for n in result.notes)
+    assert result.accuracy["y"] > 0.9999
+
+
+def test_remove_redundant_casts_only_lossless_pairs():
+    nodes = [
+        helper.make_node("Cast", ["a"], ["a32"], to=TensorProto.FLOAT, name="up"),
+        helper.make_node("Cast", ["a32"], ["a16"], to=TensorProto.FLOAT16, name="down"),
+        helper.make_node("Relu", ["a16"], ["b"], name="relu"),
+        helper.make_node("Cast", ["b"], ["b32"], to=TensorProto.FLOAT, name="up2"),
+        helper.make_node("Cast", ["b32"], ["b16"], to=TensorProto.FLOAT16, name="down2"),
+        helper.make_node("Relu", ["b32"], ["c"], name="relu2"),  # b32 has 2 users: kept
+        helper.make_node("Cast", ["c"], ["c16"], to=TensorProto.FLOAT16, name="lossy_down"),
+        helper.make_node("Cast", ["c16"], ["c32"], to=TensorProto.FLOAT, name="lossy_up"),
+        helper.make_node("Add", ["c32", "c32"], ["y"], name="add"),
+        helper.make_node("Identity", ["b16"], ["z"], name="id"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "casts",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT16, [3])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [3]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT16, [3]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert tiers.remove_redundant_casts(model.graph) == 1
+    assert [n.name for n in model.graph.node] == [
+        "relu",
+        "up2",
+        "down2",
+        "relu2",
+        "lossy_down",
+        "lossy_up",
+        "add",
+        "id",
+    ]
+    assert model.graph.node[0].input[0] == "a"
+    model.ir_version = 9
+    onnx.checker.check_model(model, full_check=True)
+
+
+@pytest.mark.parametrize("algorithm", ["rtn", "hqq"])
+def test_int4_matmul_nbits(tmp_path, algorithm):
+    src = mlp(tmp_path / "mlp.onnx")
+    result = quantize_model(
+        src,
+        tmp_path / "q4.onnx",
+        QuantizeOptions("int4", int4_algorithm=algorithm, int4_block_size=32),
+        reference_feeds=feeds(),
+    )
+    found = ops(tmp_path / "q4.onnx")
+    assert found["MatMulNBits"] == 2 and found["MatMul"] == 0, found
+    assert result.accuracy["y"] > 0.98, result.summary
+    assert run(tmp_path / "q4.onnx", feeds(1)[0])[0].shape == (4, 32)
+
+
+def test_int4_gptq_needs_calibration_and_runs_with_it(tmp_path):
+    src = mlp(tmp_path / "mlp.onnx")
+    result = quantize_model(
+        src,
+        tmp_path / "q4.onnx",
+        QuantizeOptions("int4", int4_algorithm="gptq"),
+        reference_feeds=feeds(),
+        calibration_feeds=feeds(4, seed=3),
+    )
+    assert ops(tmp_path / "q4.onnx")["MatMulNBits"] == 2
+    assert result.accuracy["y"] > 0.98
+
+
+def sensitive_model(path: Path) -> Path:
+    """Two MatMul branches summed; the 'bad' one reads an activation with one outlier channel.
+
+    ``h = x * s`` where ``s[0] = 3000``: per-tensor activation quantization (dynamic int8
+    scales each activation tensor as a whole) gives h a scale of ~25, so every ordinary
+    channel (|h| ~ 1) rounds to zero. The outlier channel's weight row is ~0, so in fp32 it
+    hardly matters: the error is pure quantization noise in 'bad'. Per-channel weights cannot
+    help (the outlier is in the activation, not a weight column). 'good' reads x directly.
+    """
+    scale = np.ones(64, np.float32)
+    scale[0] = 3000.0
+    w_bad = (RNG.standard_normal((64, 32)) * 0.5).astype(np.float32)
+    w_bad[0] = 1e-5
+    nodes = [
+        helper.make_node("Mul", ["x", "s"], ["h"], name="outlier"),
+        helper.make_node("MatMul", ["h", "w_bad"], ["b"], name="bad"),
+        helper.make_node("MatMul", ["x", "w_good"], ["g"], name="good"),
+        helper.make_node("Add", ["b", "g"], ["y"], name="sum"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "sensitive",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 32])],
+        [
+            numpy_helper.from_array(scale, "s"),
+            numpy_helper.from_array(w_bad, "w_bad"),
+            _weight("w_good", (64, 32), 0.5),
+        ],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def test_guard_excludes_the_sensitive_node_and_the_budget_then_holds(tmp_path):
+    src = sensitive_model(tmp_path / "s.onnx")
+    options = QuantizeOptions("int8-dynamic", max_cosine_drop=0.005)
+    unguarded = quantize_model(
+        src,
+        tmp_path / "plain.onnx",
+        QuantizeOptions("int8-dynamic", max_cosine_drop=0.9),  # everything passes: no guard
+        reference_feeds=feeds(),
+    )
+    assert unguarded.excluded_nodes == []
+    assert 1 - unguarded.accuracy["y"] > 0.005  # the model really is sensitive
+    result = quantize_model(src, tmp_path / "q.onnx", options, reference_feeds=feeds())
+    assert result.sensitivity[0][0] == "bad"
+    assert result.sensitivity[0][1] < result.sensitivity[1][1] - 10  # dB, clearly worst
+    assert result.excluded_nodes == ["bad"]
+    assert result.within_budget and 1 - result.accuracy["y"] <= 0.005
+    found = ops(tmp_path / "q.onnx")
+    assert found["MatMul"] == 1 and found["MatMulInteger"] == 1, found
+    assert any("kept 1 of 2" in n for n in result.notes)
+
+
+def test_guard_reports_a_budget_it_cannot_meet(tmp_path):
+    src = mlp(tmp_path / "mlp.onnx")
+    result = quantize_model(
+        src,
+        tmp_path / "q.onnx",
+        QuantizeOptions("int4", max_cosine_drop=0.0),
+        reference_feeds=feeds(),
+    )
+    # At most half the quantized nodes may stay float; one int4 MatMul is still lossy.
+    assert len(result.excluded_nodes) == 1 and not result.within_budget
+    assert ops(tmp_path / "q.onnx")["MatMulNBits"] == 1
+    assert any("gave up" in n for n in result.notes)
+
+
+def conv_model(path: Path, opset: int) -> Path:
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["y"], name="relu"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])],
+        [_weight("w", (8, 3, 3, 3)), _weight("b", (8,))],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), path)
+
+
+def test_opset12_per_channel_qdq_raises_opset(tmp_path):
+    src = conv_model(tmp_path / "c12.onnx", opset=12)
+    cal = [{"x": RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(3)]
+    result = quantize_model(
+        src,
+        tmp_path / "q.onnx",
+        QuantizeOptions("int8-static", per_channel=True),
+        reference_feeds=cal,
+        calibration_feeds=cal,
+    )
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    assert preprocess.default_opset(model) >= 13
+    assert any("opset raised 12 -> 13" in n for n in result.notes)
+    onnx.checker.check_model(model, full_check=True)
+    axes = [a.i for n in model.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute]
+    assert 0 in axes  # the per-channel weight DequantizeLinear (needs opset 13)
+    assert result.within_budget
+
+
+def _split_model() -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [
+            helper.make_node("FusedMatMul", ["x", "x"], ["m"], domain="com.microsoft"),
+            helper.make_node("Split", ["m"], ["a", "b"], axis=1, split=[2, 2]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [4, 2])],
+    )
+    return helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 12), helper.make_opsetid("com.microsoft", 1)],
+    )
+
+
+def test_opset_raise_converts_split_beside_contrib_ops():
+    raised, note = preprocess.raise_opset(_split_model())
+    assert preprocess.default_opset(raised) == 13 and "version converter" in note
+    split = next(n for n in raised.graph.node if n.op_type == "Split")
+    assert len(split.input) == 2  # opset 13 moved 'split' from attribute to input
+
+
+def test_opset_raise_refuses_when_meaning_would_change(monkeypatch):
+    def broken(model, version):
+        raise RuntimeError("converter cannot handle this model")
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", broken)
+    with pytest.raises(ValueError, match="Split"):
+        preprocess.raise_opset(_split_model())
+    # Without ops that change schema between 12 and 13, only the import is bumped.
+    graph = helper.make_graph(  # Conv's schema is the same at 12 and 13 (since 11)
+        [helper.make_node("Conv", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 3, 3])],
+        [_weight("w", (1, 1, 1, 1))],
+    )
+    bumped, note = preprocess.raise_opset(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+    )
+    assert preprocess.default_opset(bumped) == 13 and "no op in the graph" in note
+
+
+def fused_model(path: Path) -> Path:
+    """What our fusions emit: com.microsoft FusedMatMul and SkipLayerNormalization."""
+    nodes = [
+        helper.make_node(
+            "FusedMatMul", ["x", "w1"], ["f"], domain="com.microsoft", alpha=0.5, name="fused"
+        ),
+        helper.make_node(
+            "SkipLayerNormalization",
+            ["f", "x", "gamma", "beta"],
+            ["n"],
+            domain="com.microsoft",
+            epsilon=1e-5,
+            name="skipln",
+        ),
+        helper.make_node("MatMul", ["n", "w2"], ["y"], name="mm"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fused",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8, 32])],
+        [
+            _weight("w1", (64, 64)),
+            _weight("w2", (64, 32)),
+            numpy_helper.from_array(np.ones(64, np.float32), "gamma"),
+            numpy_helper.from_array(np.zeros(64, np.float32), "beta"),
+        ],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    model.ir_version = 9
+    onnx.checker.check_model(model)  # no full_check: the checker has no contrib schemas
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("precision", ["int8-dynamic", "int8-static"])
+def test_fused_model_quantizes(tmp_path, precision):
+    src = fused_model(tmp_path / "fused.onnx")
+    data = [{"x": RNG.standard_normal((2, 8, 64)).astype(np.float32)} for _ in range(3)]
+    result = quantize_model(
+        src,
+        tmp_path / "q.onnx",
+        QuantizeOptions(precision),
+        reference_feeds=data,
+        calibration_feeds=data,
+    )
+    found = ops(tmp_path / "q.onnx")
+    assert found["SkipLayerNormalization"] == 1
+    assert found["MatMul"] == 0 or found["DequantizeLinear"] > 0, found
+    assert result.quantized_nodes >= 1 and result.within_budget, result.summary
+
+
+def mask_model(path: Path) -> Path:
+    """BERT's additive mask: scores + (1 - mask) * float32.min, then a MatMul reads it after
+    a Softmax; the Add is calibrated when the user quantizes Add (ORT's default op set)."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["scores"], name="scores"),
+        helper.make_node("Sub", ["one", "mask"], ["inv"], name="inv"),
+        helper.make_node("Mul", ["inv", "fmin"], ["bias"], name="bias"),
+        helper.make_node("Add", ["scores", "bias"], ["masked"], name="masked"),
+        helper.make_node("Softmax", ["masked"], ["p"], axis=-1, name="softmax"),
+        helper.make_node("MatMul", ["p", "wv"], ["y"], name="out"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mask",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16]),
+            helper.make_tensor_value_info("mask", TensorProto.FLOAT, [2, 16]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+        [
+            _weight("wq", (16, 16), 1.0),
+            _weight("wv", (16, 8), 1.0),
+            numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+            numpy_helper.from_array(np.array(FLOAT_MIN, np.float32), "fmin"),
+        ],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def _mask_feeds(n: int = 3) -> list[dict]:
+    out = []
+    for _ in range(n):
+        mask = np.ones((2, 16), np.float32)
+        mask[0, 12:] = 0  # right padding
+        mask[1, :3] = 0  # left padding
+        out.append({"x": RNG.standard_normal((2, 16)).astype(np.float32), "mask": mask})
+    return out
+
+
+def test_entropy_calibration_survives_float_min_masks(tmp_path):
+    src = mask_model(tmp_path / "mask.onnx")
+    model = onnx.load(str(src))
+    data = _mask_feeds()
+    dtypes = {"x": np.dtype(np.float32), "mask": np.dtype(np.float32)}
+    from pipeline.quantization.calibration import FeedsReader
+
+    # ORT alone: the histogram over [-3.4e38, 3.4e38] cannot be built.
+    with pytest.raises(ValueError, match="Too many bins"):
+        tiers.calibrate(
+            src,
+            tmp_path / "raw.json",
+            FeedsReader(data, dtypes),
+            method="entropy",
+            op_types=["MatMul", "Add"],
+        )
+    clamped, names = preprocess.clamp_mask_constants(model)
+    assert names == ["fmin"]
+    assert numpy_helper.to_array(clamped.graph.initializer[-1]) == -1e4
+    assert numpy_helper.to_array(model.graph.initializer[-1]) == np.float32(FLOAT_MIN)
+    clamped_path = _save(clamped, tmp_path / "clamped.onnx")
+    for method in ("entropy", "percentile"):
+        cache = tmp_path / f"{method}.json"
+        tiers.calibrate(
+            clamped_path,
+            cache,
+            FeedsReader(data, dtypes),
+            method=method,
+            op_types=["MatMul", "Add"],
+        )
+        tiers.int8_static(
+            src,
+            tmp_path / f"q-{method}.onnx",
+            cache_path=cache,
+            method=method,
+            op_types=["MatMul"],
+            per_channel=True,
+            reduce_range=False,
+            activation_type="uint8",
+            symmetric_weights=True,
+            exclude_nodes=[],
+        )
+        reference = run(src, data[0])[0]
+        got = run(tmp_path / f"q-{method}.onnx", data[0])[0]
+        assert guard.row_cosines(reference, got).mean() > 0.98
+
+
+def test_entropy_on_a_mask_model_end_to_end(tmp_path):
+    src = mask_model(tmp_path / "mask.onnx")
+    result = quantize_model(
+        src,
+        tmp_path / "q.onnx",
+        QuantizeOptions("int8-static", calibration_method="entropy"),
+        reference_feeds=_mask_feeds(),
+        calibration_feeds=_mask_feeds(),
+    )
+    assert result.within_budget, result.summary
+
+
+def test_isa_choice_from_flags():
+    assert choose_int8_types(frozenset({"avx2", "avx512_vnni"}), "x86_64").isa == "vnni"
+    avx2 = choose_int8_types(frozenset({"avx2", "fma"}), "x86_64")
+    assert avx2.isa == "avx2" and avx2.reduce_range and avx2.activation_type == "uint8"
+    arm = choose_int8_types(frozenset({"asimd", "asimddp"}), "aarch64")
+    assert arm.activation_type == "int8" and not arm.reduce_range
+
+
+def test_row_cosines_and_accuracy_budget():
+    ref = np.array([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]], np.float32)
+    cand = np.array([[1.0, 0.0], [0.0, 0.0], [1.0, -1.0]], np.float32)
+    assert guard.row_cosines(ref, cand).tolist() == [1.0, 1.0, 0.0]
+    acc = guard.accuracy_of([{"y": ref, "ids": np.arange(3)}], [{"y": cand, "ids": np.arange(3)}])
+    assert acc.outputs["y"].mean_cosine == pytest.approx(2 / 3)
+    assert acc.outputs["ids"].match_fraction == 1.0
+    assert not acc.within(0.3) and acc.within(0.34)
+    bad = guard.accuracy_of([{"y": ref}], [{"y": np.full_like(ref, np.nan)}])
+    assert bad.outputs["y"].mean_cosine == 0.0
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="precision"):
+        QuantizeOptions("int3")
+    with pytest.raises(ValueError, match="block size"):
+        QuantizeOptions("int4", int4_block_size=24)
+    with pytest.raises(ValueError, match="cosine"):
+        QuantizeOptions("int8-dynamic", max_cosine_drop=1.5)
+
+
+def test_auto_picks_a_candidate_and_reports_all(tmp_path):
+    src = mlp(tmp_path / "mlp.onnx", hidden=256)
+    result = quantize_model(
+        src,
+        tmp_path / "auto.onnx",
+        QuantizeOptions("auto", latency_rounds=3),
+        reference_feeds=feeds(batch=32),
+    )
+    assert [c["precision"] for c in result.candidates] == ["int8-dynamic"]
+    assert "latency_ratio" in result.candidates[0]
+    assert result.precision in ("int8-dynamic", "fp32")
+    if result.candidates[0]["verdict"] != "faster":
+        assert result.precision == "fp32"
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "optimize.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+
+
+def test_cli_int8_dynamic_end_to_end(tmp_path):
+    src = mlp(tmp_path / "mlp.onnx", hidden=128)
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    done = _cli(
+        src,
+        "-o",
+        out,
+        "--report",
+        report,
+        "--precision",
+        "int8-dynamic",
+        "--no-speed-check",
+        "--max-cosine-drop",
+        "0.01",
+    )
+    assert done.returncode == 0, done.stderr
+    data = json.loads(report.read_text())
+    section = data["quantization"]
+    assert section["precision"] == "int8-dynamic"
+    assert section["final_check"]["passed"] is True
+    assert ops(out)["MatMulInteger"] == 2
+
+
+def test_cli_budget_miss_exits_1_naming_the_stage(tmp_path):
+    src = mlp(tmp_path / "mlp.onnx")
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    done = _cli(
+        src,
+        "-o",
+        out,
+        "--report",
+        report,
+        "--precision",
+        "int8-dynamic",
+        "--no-speed-check",
+        "--max-cosine-drop",
+        "0.0000001",
+    )
+    assert done.returncode == 1, done.stderr
+    assert "quantize int8-dynamic: mean cosine" in " ".join(done.stderr.split())
+    assert not out.exists()
+    data = json.loads(report.read_text())
+    assert data["status"] == "verification_failed"
+    assert data["quantization"]["final_check"]["passed"] is False
