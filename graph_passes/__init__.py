@@ -12,13 +12,17 @@ from graph_passes.collapse_chains import CollapseChains
 from graph_passes.eliminate_common_subexpressions import EliminateCommonSubexpressions
 from graph_passes.fold_constants import FoldConstants
 from graph_passes.fold_shapes import FoldShapes
+from graph_passes.fuse_activation_chains import FuseActivationChains
 from graph_passes.fuse_attention import FuseAttention
 from graph_passes.fuse_bias_gelu import FuseBiasGelu
 from graph_passes.fuse_conv_affine import FuseConvAffine
 from graph_passes.fuse_conv_bn import FuseConvBatchNorm
 from graph_passes.fuse_decoder_attention import FuseDecoderAttention
+from graph_passes.fuse_embed_layer_norm import FuseEmbedLayerNorm
 from graph_passes.fuse_gelu import FuseGelu
+from graph_passes.fuse_hard_swish import FuseHardSwish
 from graph_passes.fuse_layer_norm import FuseLayerNorm
+from graph_passes.fuse_pad_conv import FusePadConv
 from graph_passes.fuse_rms_norm import FuseRMSNorm
 from graph_passes.fuse_skip_layer_norm import FuseSkipLayerNorm
 from graph_passes.lift_constants import LiftConstants
@@ -37,9 +41,13 @@ REGISTRY: dict[str, type[GraphPass]] = {
     CollapseChains.name: CollapseChains,
     FuseConvBatchNorm.name: FuseConvBatchNorm,
     FuseConvAffine.name: FuseConvAffine,
+    FusePadConv.name: FusePadConv,
+    FuseActivationChains.name: FuseActivationChains,
+    FuseHardSwish.name: FuseHardSwish,
     FuseLayerNorm.name: FuseLayerNorm,
     FuseAttention.name: FuseAttention,
     FuseDecoderAttention.name: FuseDecoderAttention,
+    FuseEmbedLayerNorm.name: FuseEmbedLayerNorm,
     FuseSkipLayerNorm.name: FuseSkipLayerNorm,
     FuseRMSNorm.name: FuseRMSNorm,
     FuseGelu.name: FuseGelu,

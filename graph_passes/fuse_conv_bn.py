@@ -1,4 +1,5 @@
-"""Fold an inference-mode BatchNormalization into the Conv, ConvTranspose or Gemm before it.
+"""Fold an inference-mode BatchNormalization into the Conv, ConvTranspose, Gemm or MatMul
+before it.
 
 Exporters of models trained with batch norm (ResNet, MobileNet, the old model zoo) leave
 ``Conv -> BatchNormalization``; at inference BN is a per-channel affine map, so it folds into
@@ -17,7 +18,10 @@ along axis 2 by ``s`` viewed as ``[g, 1, C_out/g, 1...]``. Gemm (2-D, so BN's ch
 is the Gemm's output features ``N``): ``Y = alpha * A @ B + beta * C`` becomes
 ``alpha * A @ (B * s) + C'`` with ``C' = (beta * C - mean) * s + beta_bn`` and ``beta = 1``;
 ``B`` is scaled along its ``N`` axis (1, or 0 with ``transB``), ``C`` must be ``[N]``,
-``[1, N]`` or a scalar. MatMul + BN is left alone (it would need the input rank).
+``[1, N]`` or a scalar. MatMul with a constant 2-D ``B`` ``[K, N]`` whose output is known
+to be 2-D (from its own or its input's shape) is a Gemm without bias, so it becomes
+``Gemm(A, B * s, -mean * s + beta_bn)``; a MatMul output of rank 3 or more is left alone,
+since BN then normalizes axis 1 (the sequence), not the features.
 
 Only fires when every weight and BN parameter is a true constant (``constant_array``: an
 initializer that is also a graph input can be overridden, so it is not one), the node's
@@ -111,6 +115,20 @@ class ChannelNode:
             return None
         return cls(node, weight, bias.astype(weight.dtype), channels)
 
+    @classmethod
+    def match_matmul(cls, node: ir.Node) -> ChannelNode | None:
+        """A 2-D ``MatMul(A, B)`` with constant ``[K, N]`` ``B`` (a bias-free Gemm), else None."""
+        if not is_standard(node) or node.op_type != "MatMul" or len(node.inputs) != 2:
+            return None
+        a, out = node.inputs[0], node.outputs[0]
+        ranks = {len(v.shape) for v in (a, out) if v is not None and v.shape is not None}
+        if ranks != {2}:
+            return None
+        weight = constant_array(node.inputs[1])
+        if weight is None or weight.dtype.type not in FLOAT_TYPES or weight.ndim != 2:
+            return None
+        return cls(node, weight, np.zeros(weight.shape[1], dtype=weight.dtype), weight.shape[1])
+
     def scale(self, s: np.ndarray) -> None:
         """Multiply output channel ``c`` by ``s[c]`` (weight and bias)."""
         node, w = self.node, self.weight
@@ -123,7 +141,7 @@ class ChannelNode:
             self.weight = (view * s_view).reshape(w.shape)
         elif node.attributes.get_int("transB", 0):  # Gemm B: [N, K]
             self.weight = w * s.reshape(-1, 1)
-        else:  # Gemm B: [K, N]
+        else:  # Gemm or MatMul B: [K, N]
             self.weight = w * s.reshape(1, -1)
         self.bias = self.bias * s
 
@@ -136,6 +154,8 @@ class ChannelNode:
         node = self.node
         graph = node.graph
         assert isinstance(graph, ir.Graph)
+        if node.op_type == "MatMul":  # now with a bias: a Gemm (alpha 1, no transposes)
+            node.op_type = "Gemm"
         base = node.name or node.outputs[0].name or node.op_type
         w_value = _initializer(graph, names, f"{base}_fused_weight", self.weight.astype(self.dtype))
         b_value = _initializer(graph, names, f"{base}_fused_bias", self.bias.astype(self.dtype))
@@ -186,6 +206,17 @@ def single_use_producer(value: ir.Value | None, graph: ir.Graph) -> ChannelNode 
     return ChannelNode.match(producer)
 
 
+def _single_use_matmul(value: ir.Value, graph: ir.Graph) -> ChannelNode | None:
+    """Like ``single_use_producer`` for a 2-D MatMul (BN only: an Add after a MatMul is
+    not turned into a Gemm, which measured no faster in ORT than MatMul + Add)."""
+    if value is None or value.is_graph_output() or len(value.uses()) != 1:
+        return None
+    producer = value.producer()
+    if producer is None or producer.graph is not graph:
+        return None
+    return ChannelNode.match_matmul(producer)
+
+
 def _is_inference_bn(bn: ir.Node, opset: int) -> bool:
     if bn.attributes.get_int("spatial", 1) != 1 or len(bn.inputs) != 5:
         return False
@@ -211,6 +242,7 @@ class FuseConvBatchNorm(GraphPass):
                 if not _is_inference_bn(bn, opset):
                     continue
                 target = single_use_producer(bn.inputs[0], graph)
+                target = target or _single_use_matmul(bn.inputs[0], graph)
                 if target is None:
                     continue
                 params = [constant_array(v) for v in bn.inputs[1:]]

@@ -27,9 +27,7 @@ below 17 and there is no com.microsoft LayerNormalization (probed).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import tempfile
 from typing import ClassVar
 
 import numpy as np
@@ -104,13 +102,15 @@ def symbolic_dims(model: ir.Model) -> dict[str, Dims]:
                     work.graph.inputs.append(value)
         proto = ir.to_proto(work)
         del proto.graph.value_info[:]  # its own inference, not ONNX's fresh unk__ symbols
-        # On incomplete inference ORT saves "sym_shape_infer_temp.onnx" (plus a data file)
-        # into the working directory: run it from a scratch folder so nothing is left behind.
-        with tempfile.TemporaryDirectory(prefix="ovo-symshape-") as scratch:
-            with contextlib.chdir(scratch):
-                inferred = SymbolicShapeInference.infer_shapes(
-                    proto, auto_merge=False, guess_output_rank=False
-                )
+        # ORT's static ``infer_shapes`` throws the partial result away (and saves
+        # "sym_shape_infer_temp.onnx" into the working directory) when one value stays
+        # unknown; its steps are driven here instead so every proven shape is kept.
+        inference = SymbolicShapeInference(2**31 - 1, False, False, 0)
+        inference._preprocess(proto)
+        while inference.run_:
+            inference._infer_impl()
+        inference._update_output_from_vi()
+        inferred = inference.out_mp_
     except Exception as exc:  # noqa: BLE001 - any failure just means no extra shape facts
         logger.debug("symbolic shape inference failed: %s", exc)
         return {}
@@ -143,8 +143,9 @@ class FuseSkipLayerNorm(GraphPass):
         if not self.target.allows_contrib:
             return self.result(model)
         opset = opset_of(model)
-        infer_shapes(model)
+        infer_shapes(model, refresh=True)
         self._symbolic = None  # computed again for each call: the model has changed
+        self._model = model
         matcher = FuseLayerNorm()
         claimed: set[ir.Node] = set()
         for graph in model.graphs():
@@ -168,6 +169,9 @@ class FuseSkipLayerNorm(GraphPass):
             return matcher.match(root, opset)
         s = root.inputs[0]
         rank = None if s is None or s.shape is None else len(s.shape)
+        if rank is None and s is not None:  # e.g. behind a contrib op ONNX cannot infer
+            known = self._symbolic_table(root.graph).get(s.name or "")
+            rank = None if known is None else len(known)
         axis = root.attributes.get_int("axis", -1)
         extra = [o for o in root.outputs[1:] if o.uses() or o.is_graph_output()]
         if rank is None or axis not in (-1, rank - 1) or extra:
@@ -235,9 +239,10 @@ class FuseSkipLayerNorm(GraphPass):
         Shapes are proven with ONNX's inference first, then with ORT's symbolic inference
         (computed once per call, only when needed). Shared with fuse_rms_norm
         (SkipSimplifiedLayerNormalization has the same rules)."""
-        if s.dtype not in SKIP_TYPES or s.shape is None or len(s.shape) not in (2, 3):
+        shape = ir_dims(s) or self._symbolic_table(model.graph).get(s.name or "")
+        if s.dtype not in SKIP_TYPES or shape is None or len(shape) not in (2, 3):
             return None
-        hidden = s.shape[-1]
+        hidden = shape[-1]
         if not isinstance(hidden, int):
             return None
         for param in (gamma, beta):
@@ -247,11 +252,16 @@ class FuseSkipLayerNorm(GraphPass):
                 return None
         picked = self._pick(add, s, hidden, ir_dims)
         if picked is None:
-            if self._symbolic is None:
-                self._symbolic = symbolic_dims(model)
-            table = self._symbolic
+            table = self._symbolic_table(model.graph)
             picked = self._pick(add, s, hidden, lambda v: table.get(v.name or ""))
         return picked
+
+    def _symbolic_table(self, graph: ir.Graph) -> dict[str, Dims]:
+        """ORT's symbolic shapes of the model, computed once per call and only when needed."""
+        if self._symbolic is None:
+            model = self._model
+            self._symbolic = symbolic_dims(model) if graph is model.graph else {}
+        return self._symbolic
 
     def _pick(self, add: ir.Node, s: ir.Value, hidden: int, dims):
         out = dims(s)

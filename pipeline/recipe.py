@@ -42,6 +42,8 @@ ORDER_RULES: tuple[tuple[str, str], ...] = (
     ("fuse_attention", "fuse_bias_gelu"),
     ("fuse_decoder_attention", "fuse_skip_layer_norm"),
     ("fuse_gelu", "fuse_bias_gelu"),
+    ("fuse_activation_chains", "fuse_hard_swish"),  # HardSwish matches Clip(0, 6) whole
+    ("fuse_embed_layer_norm", "fuse_skip_layer_norm"),
 )
 
 

@@ -1,6 +1,7 @@
-"""fuse_conv_bn: Conv/ConvTranspose/Gemm + inference BatchNormalization become one node (exact
-op list, parity, checker, idempotence), and near misses (training BN, shared or non-constant
-parameters, mismatched channels, a Conv output with two uses) stay as they were."""
+"""fuse_conv_bn: Conv/ConvTranspose/Gemm/2-D MatMul + inference BatchNormalization become one
+node (exact op list, parity, checker, idempotence), and near misses (training BN, shared or
+non-constant parameters, mismatched channels, a Conv output with two uses, a rank-3 MatMul)
+stay as they were."""
 
 from __future__ import annotations
 
@@ -223,3 +224,69 @@ def test_builder_makes_float_conv_bn():  # guard: the builder makes what the tes
     model = bn_model()
     assert model.graph.inputs[0].dtype == ir.DataType(TensorProto.FLOAT)
     assert op_list(model) == ["Conv", "BatchNormalization"]
+
+
+def matmul_bn_model(
+    x_shape, *, w_as_input: bool = False, c_shape=None, hide_rank: bool = False
+) -> ir.Model:
+    """x -> [Relu, no shape info ->] MatMul(x, W [6, 4]) -> c -> BatchNormalization -> y
+    (BN's channels: axis 1 of c)."""
+    rng = np.random.default_rng(0)
+    out_shape = [*x_shape[:-1], 4]
+    n = out_shape[1]
+    w = numpy_helper.from_array((rng.standard_normal((6, 4)) * 0.3).astype("f"), "W")
+    params = [
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, n).astype("f"), "gamma"),
+        numpy_helper.from_array((rng.standard_normal(n) * 0.1).astype("f"), "beta"),
+        numpy_helper.from_array((rng.standard_normal(n) * 0.1).astype("f"), "mean"),
+        numpy_helper.from_array(rng.uniform(0.5, 2.0, n).astype("f"), "var"),
+    ]
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu")] if hide_rank else []
+    nodes += [
+        helper.make_node("MatMul", ["r" if hide_rank else "x", "W"], ["c"], name="mm"),
+        helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"]),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)]
+    inits = params
+    if w_as_input:
+        inputs.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, [6, 4]))
+    else:
+        inits = [w, *params]
+    out_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)
+    value_info = [helper.make_tensor_value_info("c", TensorProto.FLOAT, c_shape)] if c_shape else []
+    proto = helper.make_model(
+        helper.make_graph(nodes, "g", inputs, [out_info], inits, value_info=value_info),
+        opset_imports=[helper.make_opsetid("", 17)],
+        ir_version=8,
+    )
+    return ir.from_proto(proto)
+
+
+def test_matmul_2d_bn_becomes_gemm():
+    out, modified = run(matmul_bn_model([3, 6]))
+    assert modified and op_list(out) == ["Gemm"]
+    gemm = out.graph.node(0)
+    assert gemm.inputs[1].name != "W" and len(gemm.inputs) == 3
+    assert gemm.attributes.get_int("transB", 0) == 0 and gemm.attributes.get_float("beta") == 1
+
+
+def test_matmul_with_unknown_input_rank_but_2d_output_shape_fires():
+    out, modified = run(matmul_bn_model([3, 6], hide_rank=True, c_shape=["m", 4]))
+    assert modified and op_list(out) == ["Relu", "Gemm"]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"x_shape": [2, 4, 6]},  # BN's axis 1 has N = 4 entries too: only the rank tells
+        {"x_shape": [3, 6], "hide_rank": True},
+        {"x_shape": [3, 6], "w_as_input": True},
+    ],
+    ids=["rank_3_bn_normalizes_sequence", "rank_unknown", "weight_not_constant"],
+)
+def test_matmul_bn_near_miss_is_kept(kwargs):
+    model = matmul_bn_model(**kwargs)
+    candidate, result = apply_pass(FuseConvBatchNorm(), model)
+    assert not result.modified and op_list(candidate) == op_list(model)
+    assert op_list(candidate)[-2:] == ["MatMul", "BatchNormalization"]
+    check(candidate)
