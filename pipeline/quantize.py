@@ -224,6 +224,19 @@ def _name_nodes(model: onnx.ModelProto) -> int:
 
 
 def _prepare(model: onnx.ModelProto, tier: str, options: QuantizeOptions, notes: list[str]):
+    model, lifted = preprocess.lift_constants(model)
+    if lifted:
+        notes.append(
+            f"{lifted} Constant node(s) lifted to initializers (ORT's quantizer finds weights "
+            "and biases only among initializers)"
+        )
+    if tier == "int4":
+        model, lowered = preprocess.lower_gemm_to_matmul(model)
+        if lowered:
+            notes.append(
+                f"{lowered} Gemm node(s) lowered to MatMul + Add so int4 can quantize their "
+                "weights (MatMulNBits replaces MatMul only)"
+            )
     if _name_nodes(model):
         notes.append("unnamed nodes were given names so they can be excluded by name")
     if tier.startswith("int8"):
@@ -419,6 +432,9 @@ def _quantize_tier(
         ]
     else:
         quantized = guard.quantized_nodes(model, lowered, set(op_types))
+    if tier == "int4":
+        matmuls = sum(1 for n in model.graph.node if n.op_type == "MatMul")
+        notes.append(f"int4: {len(quantized)} of {matmuls} MatMul node(s) became MatMulNBits")
     ranking: list[tuple[str, float]] = []
     auto_excluded: list[str] = []
     if not accuracy.within(budget) and quantized:
@@ -473,16 +489,10 @@ def _schedule(total: int) -> list[int]:
     return counts
 
 
-def _auto(fp32_path, out_path, options, reference_feeds, calibration_feeds) -> QuantizeResult:
-    """Try each tier that fits the device; keep the fastest within budget (fp32 otherwise)."""
-    import onnx_ir as ir
-
-    from pipeline.benchmark import compare_latency
-
-    tried: list[tuple[str, QuantizeOptions]] = [
-        ("int8-dynamic", dataclasses.replace(options, precision="int8-dynamic"))
-    ]
-    if calibration_feeds or options.calibration is not None:
+def _auto_tiers(options: QuantizeOptions, calibrated: bool) -> list[tuple[str, QuantizeOptions]]:
+    """The candidates ``auto`` builds, each measured for accuracy and latency against fp32."""
+    tried = [("int8-dynamic", dataclasses.replace(options, precision="int8-dynamic"))]
+    if calibrated:
         for fmt in ("qdq", "qoperator"):
             tried.append(
                 (
@@ -490,11 +500,38 @@ def _auto(fp32_path, out_path, options, reference_feeds, calibration_feeds) -> Q
                     dataclasses.replace(options, precision="int8-static", quant_format=fmt),
                 )
             )
+    # int4 weight-only is only worth it where its MatMulNBits kernels are fast (decoders with
+    # big weights); HQQ int4 measured 3.5x SLOWER than fp32 on CPU, so it is a candidate like
+    # any other: built, measured, and chosen only when faster within budget.
+    tried.append(("int4", dataclasses.replace(options, precision="int4")))
     if options.device == "cuda":
         tried.append(("fp16", dataclasses.replace(options, precision="fp16")))
-    notes = [] if len(tried) > 1 else ["auto: int8-static not tried (no calibration data)"]
-    candidates: list[dict] = []
-    best: tuple[float, QuantizeResult, Path] | None = None
+    return tried
+
+
+def _auto(fp32_path, out_path, options, reference_feeds, calibration_feeds) -> QuantizeResult:
+    """Try each tier that fits the device; keep the fastest within budget (fp32 otherwise).
+
+    Every candidate that could be built is measured twice against fp32: accuracy on the
+    reference inputs (with its own budget and the guard) and latency, interleaved with fp32
+    (``compare_latency``). ``candidates`` records for each: precision, accuracy,
+    within_budget, latency_ratio (candidate / fp32 time), noise and verdict ("faster",
+    "same", "slower", or "over budget" / "failed"); the fp32 baseline is listed first with
+    ratio 1.0. The chosen model is the within-budget candidate with the lowest latency ratio
+    among those measured "faster" (faster beyond the measurement noise); fp32 when none is.
+    The chosen entry has ``chosen: True``.
+    """
+    import onnx_ir as ir
+
+    from pipeline.benchmark import compare_latency
+
+    calibrated = bool(calibration_feeds) or options.calibration is not None
+    tried = _auto_tiers(options, calibrated)
+    notes = [] if calibrated else ["auto: int8-static not tried (no calibration data)"]
+    candidates: list[dict] = [
+        {"precision": "fp32", "within_budget": True, "latency_ratio": 1.0, "verdict": "baseline"}
+    ]
+    best: tuple[float, QuantizeResult, Path, dict] | None = None
     fp32_ir = ir.load(fp32_path)
     with tempfile.TemporaryDirectory(prefix="ovo-quant-auto-") as tmp_root:
         for index, (label, tier_options) in enumerate(tried):
@@ -512,40 +549,48 @@ def _auto(fp32_path, out_path, options, reference_feeds, calibration_feeds) -> Q
                     calibration_feeds,
                     work,
                 )
+                entry.update(
+                    accuracy=result.accuracy,
+                    within_budget=result.within_budget,
+                    max_cosine_drop=result.max_cosine_drop,
+                    excluded_nodes=len(result.excluded_nodes),
+                    quantized_nodes=result.quantized_nodes,
+                    summary=result.summary,
+                )
+                if result.quantized_nodes == 0:
+                    entry.update(verdict="nothing quantized")
+                    candidates.append(entry)
+                    continue
+                latency = compare_latency(
+                    fp32_ir, ir.load(path), reference_feeds[0], rounds=options.latency_rounds
+                )
             except Exception as exc:  # a tier that cannot be built is a candidate that lost
                 entry.update(verdict="failed", reason=" ".join(str(exc).split())[:300])
                 candidates.append(entry)
                 continue
-            entry.update(
-                accuracy=result.accuracy,
-                within_budget=result.within_budget,
-                excluded_nodes=len(result.excluded_nodes),
-                summary=result.summary,
-            )
-            if result.within_budget:
-                latency = compare_latency(
-                    fp32_ir, ir.load(path), reference_feeds[0], rounds=options.latency_rounds
-                )
-                entry.update(
-                    latency_ratio=latency.ratio, noise=latency.noise, verdict=latency.verdict
-                )
-                if latency.verdict == "faster" and (best is None or latency.ratio < best[0]):
-                    keep = Path(tmp_root) / f"best-{index}.onnx"
-                    shutil.copyfile(path, keep)
-                    best = (latency.ratio, result, keep)
-            else:
-                entry["verdict"] = "over budget"
+            entry.update(latency_ratio=latency.ratio, noise=latency.noise)
+            entry["verdict"] = latency.verdict if result.within_budget else "over budget"
+            if (
+                result.within_budget
+                and latency.verdict == "faster"
+                and (best is None or latency.ratio < best[0])
+            ):
+                keep = Path(tmp_root) / f"best-{index}.onnx"
+                shutil.copyfile(path, keep)
+                best = (latency.ratio, result, keep, entry)
             candidates.append(entry)
         if best is None:
             chosen = _quantize_tier(
                 fp32_path, out_path, options, "fp32", reference_feeds, None, Path(tmp_root)
             )
             chosen.notes.append("auto: no candidate was both within budget and faster; fp32 kept")
+            candidates[0]["chosen"] = True
         else:
-            ratio, chosen, keep = best
+            ratio, chosen, keep, entry = best
             _write(onnx.load(str(keep)), out_path)
             chosen.model_path = out_path
-            chosen.notes.append(f"auto: chose {chosen.precision} ({ratio:.2f}x fp32 latency)")
+            chosen.notes.append(f"auto: chose {entry['precision']} ({ratio:.2f}x fp32 latency)")
+            entry["chosen"] = True
     chosen.notes[:0] = notes
     chosen.candidates = candidates
     return chosen
@@ -600,7 +645,7 @@ def run_stage(
         sess = guard.session(str(out_path), "all")
         outputs = [guard.run(sess, feeds) for feeds in sets]
     budget = result.max_cosine_drop
-    final = guard.accuracy_of(reference, outputs)
+    final = guard.accuracy_of(reference, outputs, sets)
     section["final_check"] = {
         "against": "original model (reference outputs)",
         "max_cosine_drop": budget,

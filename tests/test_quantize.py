@@ -526,19 +526,32 @@ def test_options_are_validated():
         QuantizeOptions("int8-dynamic", max_cosine_drop=1.5)
 
 
-def test_auto_picks_a_candidate_and_reports_all(tmp_path):
+def test_auto_measures_every_candidate_and_keeps_the_fastest_within_budget(tmp_path):
     src = mlp(tmp_path / "mlp.onnx", hidden=256)
     result = quantize_model(
         src,
         tmp_path / "auto.onnx",
         QuantizeOptions("auto", latency_rounds=3),
         reference_feeds=feeds(batch=32),
+        calibration_feeds=feeds(4, batch=32, seed=7),
     )
-    assert [c["precision"] for c in result.candidates] == ["int8-dynamic"]
-    assert "latency_ratio" in result.candidates[0]
-    assert result.precision in ("int8-dynamic", "fp32")
-    if result.candidates[0]["verdict"] != "faster":
-        assert result.precision == "fp32"
+    labels = [c["precision"] for c in result.candidates]
+    assert labels == ["fp32", "int8-dynamic", "int8-static-qdq", "int8-static-qoperator", "int4"]
+    for entry in result.candidates[1:]:
+        assert entry["verdict"] != "failed", entry
+        # every built candidate has its accuracy, its latency ratio and a verdict recorded
+        assert {"accuracy", "within_budget", "latency_ratio", "verdict"} <= set(entry), entry
+    assert [c["precision"] for c in result.candidates if c.get("chosen")] != []
+    (chosen,) = [c for c in result.candidates if c.get("chosen")]
+    eligible = [c for c in result.candidates[1:] if c["within_budget"] and c["verdict"] == "faster"]
+    if eligible:
+        fastest = min(eligible, key=lambda c: c["latency_ratio"])
+        assert chosen is fastest and chosen["latency_ratio"] < 1.0
+        tier = chosen["precision"].removesuffix("-qdq").removesuffix("-qoperator")
+        assert result.precision == tier
+    else:
+        assert chosen["precision"] == "fp32" and result.precision == "fp32"
+    assert run(tmp_path / "auto.onnx", feeds(1, batch=32)[0])[0].shape == (32, 32)
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
@@ -596,3 +609,253 @@ def test_cli_budget_miss_exits_1_naming_the_stage(tmp_path):
     data = json.loads(report.read_text())
     assert data["status"] == "verification_failed"
     assert data["quantization"]["final_check"]["passed"] is False
+
+
+# --- padded positions, Constant weights, calibration set counts, Gemm for int4, contrib types
+
+
+def test_guard_does_not_score_padded_positions():
+    rng = np.random.default_rng(3)
+    ref = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.int64)
+    cand = ref.copy()
+    cand[0, 3:] = -ref[0, 3:]  # garbage only where the mask is 0
+    pooled = ref.mean(axis=1)  # [B, H]: not shaped like the mask, scored as before
+    feed = {"input_ids": np.ones((2, 5), np.int64), "attention_mask": mask}
+    refs, cands = [{"h": ref, "p": pooled}], [{"h": cand, "p": pooled + 1e-3}]
+    unmasked = guard.accuracy_of(refs, cands)
+    assert unmasked.outputs["h"].mean_cosine == pytest.approx((8 - 2) / 10)  # 2 rows at -1
+    masked = guard.accuracy_of(refs, cands, [feed])
+    assert masked.outputs["h"].mean_cosine == pytest.approx(1.0)
+    assert masked.outputs["h"].masked_by == "attention_mask"
+    details = masked.to_dict()
+    assert "mean_cosine_masked" in details["h"] and "mean_cosine" not in details["h"]
+    assert details["p"]["mean_cosine"] < 1.0 and "masked_by" not in details["p"]
+    assert masked.within(1e-4) and not unmasked.within(0.1)
+    only_h = guard.accuracy_of([{"h": ref}], [{"h": cand}], [feed])
+    assert "padding not scored" in only_h.summary(0.0)
+    # rank-2 per-token outputs: padded entries zeroed in both before the row cosine
+    logits, bad = ref[..., 0], ref[..., 0].copy()
+    bad[0, 3:] += 100.0
+    assert guard.accuracy_of([{"l": logits}], [{"l": bad}], [feed]).within(1e-9)
+
+
+def constant_conv_model(path: Path) -> Path:
+    """Opset-12 Conv whose weight and bias are Constant nodes (how Paddle exports weights)."""
+    weight = (RNG.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32)
+    bias = (RNG.standard_normal(8) * 0.1).astype(np.float32)
+    nodes = [
+        helper.make_node("Constant", [], ["conv2d_394.w_0"], value=numpy_helper.from_array(weight)),
+        helper.make_node("Constant", [], ["conv2d_394.b_0"], value=numpy_helper.from_array(bias)),
+        helper.make_node("Conv", ["x", "conv2d_394.w_0", "conv2d_394.b_0"], ["c"], name="conv"),
+        helper.make_node("Relu", ["c"], ["y"], name="relu"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "paddle_like",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 14, 14])],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)]), path)
+
+
+@pytest.mark.parametrize(
+    ("precision", "fmt"),
+    [("int8-dynamic", "qdq"), ("int8-static", "qdq"), ("int8-static", "qoperator")],
+)
+def test_constant_node_weights_are_lifted_and_quantized(tmp_path, precision, fmt):
+    src = constant_conv_model(tmp_path / "paddle.onnx")
+    rng = np.random.default_rng(5)
+    data = [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(3)]
+    result = quantize_model(
+        src,
+        tmp_path / "q.onnx",
+        QuantizeOptions(precision, quant_format=fmt),
+        reference_feeds=data,
+        calibration_feeds=data,
+    )
+    assert any("2 Constant node(s) lifted" in n for n in result.notes), result.notes
+    found = ops(tmp_path / "q.onnx")
+    assert found["Constant"] == 0 and found["Conv"] == 0 or found["DequantizeLinear"] >= 2, found
+    assert result.quantized_nodes >= 1 and result.within_budget, result.summary
+
+
+@pytest.mark.parametrize("count", [16, 20])
+def test_static_calibration_uses_every_set(tmp_path, count):
+    """ORT's MinMax calibrator drops its sets when max_intermediate_outputs (16) is reached."""
+    src = mlp(tmp_path / "mlp.onnx")
+    data = feeds(count, seed=11)
+    data[0] = {"x": data[0]["x"] * 50.0}  # the widest range lives in the FIRST set only
+    cache = tmp_path / "cache"
+    result = quantize_model(
+        src,
+        tmp_path / "q.onnx",
+        QuantizeOptions("int8-static", cache_dir=cache),
+        reference_feeds=feeds(),
+        calibration_feeds=data,
+    )
+    assert result.quantized_nodes >= 1
+    (cached,) = cache.glob("calibration-*.json")
+    ranges = json.loads(cached.read_text())
+    text = json.dumps(ranges)
+    assert '"x"' in text
+    widest = float(np.abs(data[0]["x"]).max())
+    lowest, highest = _range_of(ranges, "x")
+    assert max(-lowest, highest) >= widest * 0.99
+
+
+def _range_of(cache: dict, name: str) -> tuple[float, float]:
+    entry = cache[name] if name in cache else cache.get("data", {})[name]
+    if isinstance(entry, dict):
+        for key in ("lowest", "min"):
+            if key in entry:
+                low = entry[key]
+                high = entry["highest" if key == "lowest" else "max"]
+                return _scalar(low), _scalar(high)
+        if "range_value" in entry:
+            return tuple(_scalar(v) for v in entry["range_value"])
+    return tuple(_scalar(v) for v in entry)
+
+
+def _scalar(value) -> float:
+    while isinstance(value, dict):
+        value = value.get("data", value.get("value"))
+    return float(np.asarray(value).ravel()[0])
+
+
+def test_symbolic_shape_failure_falls_back_and_the_stage_proceeds(tmp_path, monkeypatch):
+    import onnxruntime.quantization.shape_inference as shape_inference
+
+    real = shape_inference.quant_pre_process
+
+    def flaky(model, output, *args, skip_symbolic_shape=False, **kwargs):
+        if not skip_symbolic_shape:
+            raise RuntimeError("symbolic shape inference exploded")
+        return real(model, output, *args, skip_symbolic_shape=True, **kwargs)
+
+    monkeypatch.setattr(shape_inference, "quant_pre_process", flaky)
+    src = mlp(tmp_path / "mlp.onnx")
+    result = quantize_model(
+        src, tmp_path / "q.onnx", QuantizeOptions("int8-dynamic"), reference_feeds=feeds()
+    )
+    assert any("symbolic shape inference failed" in n for n in result.notes), result.notes
+    assert result.quantized_nodes == 2 and result.within_budget
+
+
+def gemm_model(path: Path) -> Path:
+    """x[4, 64] -> Gemm(transB=1, bias) -> Relu -> Gemm(no bias) -> Gemm(alpha=2, kept)."""
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="g1", transB=1),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Gemm", ["r", "w2"], ["z"], name="g2"),
+        helper.make_node("Gemm", ["z", "w3", "b3"], ["y"], name="g3", alpha=2.0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "gemms",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])],
+        [
+            _weight("w1", (64, 64)),  # [N, K]: transB
+            _weight("b1", (64,)),
+            _weight("w2", (64, 32)),
+            _weight("w3", (32, 16)),
+            _weight("b3", (16,)),
+        ],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def test_lower_gemm_to_matmul_parity_and_ops(tmp_path):
+    src = gemm_model(tmp_path / "gemm.onnx")
+    model, lowered = preprocess.lower_gemm_to_matmul(onnx.load(str(src)))
+    assert lowered == 2
+    assert [n.op_type for n in model.graph.node] == ["MatMul", "Add", "Relu", "MatMul", "Gemm"]
+    assert "w1" not in {i.name for i in model.graph.initializer}  # replaced by its transpose
+    onnx.checker.check_model(model, full_check=True)
+    x = {"x": np.random.default_rng(2).standard_normal((4, 64)).astype(np.float32)}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    expected = ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+    got = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    np.testing.assert_allclose(got.run(None, x)[0], expected.run(None, x)[0], rtol=1e-5, atol=1e-5)
+    # transA / alpha / non-constant B: not lowered
+    again, count = preprocess.lower_gemm_to_matmul(model)
+    assert count == 0 and [n.op_type for n in again.graph.node][-1] == "Gemm"
+
+
+def test_int4_quantizes_gemm_weights(tmp_path):
+    src = gemm_model(tmp_path / "gemm.onnx")
+    data = [
+        {"x": np.random.default_rng(s).standard_normal((4, 64)).astype(np.float32)}
+        for s in range(2)
+    ]
+    result = quantize_model(src, tmp_path / "q.onnx", QuantizeOptions("int4"), reference_feeds=data)
+    found = ops(tmp_path / "q.onnx")
+    assert found["MatMulNBits"] == 2 and found["MatMul"] == 0, found
+    assert result.quantized_nodes == 2
+    assert any("2 Gemm node(s) lowered" in n for n in result.notes), result.notes
+    assert any("int4: 2 of 2 MatMul" in n for n in result.notes), result.notes
+
+
+def contrib_model() -> onnx.ModelProto:
+    """x -> com.microsoft Gelu -> MatMul -> Relu: ONNX infers no type for g and m."""
+    nodes = [
+        helper.make_node("Gelu", ["x"], ["g"], domain="com.microsoft", name="gelu"),
+        helper.make_node("MatMul", ["g", "w"], ["m"], name="mm"),
+        helper.make_node("Relu", ["m"], ["y"], name="relu"),  # m: not an output, type unknown
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "contrib",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32])],
+        [_weight("w", (64, 32))],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    model.ir_version = 9
+    return model
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_contrib_op_outputs_of_unknown_type_quantize(tmp_path, static):
+    """No value_info for the contrib op's output: ORT's quantizer needs DefaultTensorType."""
+    src = tmp_path / "contrib.onnx"
+    onnx.save(contrib_model(), src)  # no full_check: the checker has no com.microsoft schemas
+    out = tmp_path / "q.onnx"
+    common = {
+        "op_types": ["MatMul"],
+        "per_channel": True,
+        "reduce_range": False,
+        "symmetric_weights": True,
+        "exclude_nodes": [],
+    }
+    if static:
+        cache = tmp_path / "ranges.json"
+        rng = np.random.default_rng(4)
+        reader = tiers_reader([{"x": rng.standard_normal((2, 64)).astype(np.float32)}])
+        tiers.calibrate(src, cache, reader, method="minmax", op_types=["MatMul"])
+        tiers.int8_static(
+            src,
+            out,
+            cache_path=cache,
+            method="minmax",
+            activation_type="uint8",
+            quant_format="qdq",
+            **common,
+        )
+    else:
+        tiers.int8_dynamic(src, out, **common)
+    assert ops(out)["MatMul"] == 0 or ops(out)["DequantizeLinear"] >= 1, ops(out)
+    x = {"x": np.ones((2, 64), np.float32)}
+    assert run(out, x)[0].shape == (2, 32)
+
+
+def tiers_reader(sets: list[dict]):
+    from pipeline.quantization.calibration import FeedsReader
+
+    return FeedsReader(sets, {"x": np.dtype(np.float32)})

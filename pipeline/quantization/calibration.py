@@ -140,7 +140,8 @@ class FeedsReader(CalibrationDataReader):
 
     def get_next(self) -> dict | None:
         if self.position >= self.end:
-            self._close()
+            if self.end >= len(self.sources):  # chunked reads (set_range) share one bar
+                self._close()
             return None
         index = self.position
         self.position += 1
@@ -160,7 +161,7 @@ class FeedsReader(CalibrationDataReader):
 
             self._progress = Progress(console=Console(stderr=True), transient=True)
             self._progress.start()
-            self._task = self._progress.add_task(self.label, total=self.end - self.start)
+            self._task = self._progress.add_task(self.label, total=len(self.sources))
         self._progress.advance(self._task)
 
     def _close(self) -> None:

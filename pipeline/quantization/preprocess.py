@@ -185,3 +185,119 @@ def clamp_mask_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[
 
     walk(clamped.graph)
     return clamped, names
+
+
+def lift_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Turn ``Constant`` nodes into initializers; returns the model and how many were lifted.
+
+    ORT's quantizer finds weights and biases only among initializers: a Conv whose weight is a
+    ``Constant`` node (Paddle exports at opset 12 write every weight that way) stops
+    ``quantize_dynamic`` with "Expected conv2d_394.w_0 to be an initializer", and the QOperator
+    path crashes on a Conv bias held in a Constant. ORT itself turns Constants into
+    initializers at load time, so lifting changes nothing in meaning. The rewrite is
+    ``graph_passes.lift_constants.LiftConstants`` (onnx-ir's pass, with Constants that are
+    graph outputs and IR < 4 models left alone).
+    """
+    if not any(n.op_type == "Constant" and n.domain in ("", "ai.onnx") for n in model.graph.node):
+        return model, 0
+    import onnx_ir as ir
+
+    from graph_passes.lift_constants import LiftConstants
+
+    ir_model = ir.from_proto(model)
+    lifter = LiftConstants()
+    lifter(ir_model)
+    return ir.to_proto(ir_model), lifter.matches
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
+
+def lower_gemm_to_matmul(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Rewrite ``Gemm(A, B, C)`` with constant B (and C) as ``MatMul(A, B') + C``.
+
+    ORT's ``MatMulNBitsQuantizer`` (int4) only quantizes ``MatMul``; GPT-2's projections are
+    exported as ``Gemm`` (transformers' ``Conv1D``), so without this only 1 of GPT-2's 17
+    weights becomes 4-bit. Before::
+
+        y = Gemm<transB=t>(a, B, c)          # a[M, K], B[K, N] (or [N, K] when t = 1)
+
+    After::
+
+        m = MatMul(a, B')                    # B' = B (t = 0) or B^T (t = 1), a new initializer
+        y = Add(m, c)                        # no Add when Gemm has no C
+
+    ``Gemm`` computes ``alpha * A' @ B' + beta * C``; only ``alpha = beta = 1`` and
+    ``transA = 0`` are lowered (other forms would need extra Mul/Transpose nodes and are not
+    what exporters write for linear layers). B must be an initializer (a weight); C, when
+    present, an initializer or any tensor (Add broadcasts it like Gemm's unidirectional
+    broadcast of C to [M, N]). Returns the model (modified in place) and how many Gemms
+    were lowered.
+    """
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    taken = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
+    taken |= {i.name for i in graph.input} | {n.name for n in graph.node}
+
+    def fresh(base: str) -> str:
+        name = base
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        return name
+
+    nodes: list[onnx.NodeProto] = []
+    transposed: set[str] = set()
+    lowered = 0
+    for node in graph.node:
+        if (
+            node.op_type != "Gemm"
+            or node.domain not in ("", "ai.onnx")
+            or len(node.input) < 2
+            or node.input[1] not in inits
+            or _attr(node, "transA", 0) != 0
+            or _attr(node, "alpha", 1.0) != 1.0
+            or _attr(node, "beta", 1.0) != 1.0
+        ):
+            nodes.append(node)
+            continue
+        weight = inits[node.input[1]]
+        if _attr(node, "transB", 0):
+            array = numpy_helper.to_array(weight).T.copy()
+            b_name = fresh(weight.name + "_transposed")
+            graph.initializer.append(numpy_helper.from_array(array, b_name))
+            transposed.add(weight.name)
+        else:
+            b_name = weight.name
+        base = node.name or f"gemm_{lowered}"
+        has_bias = len(node.input) > 2 and node.input[2] != ""
+        product = fresh(node.output[0] + "_matmul") if has_bias else node.output[0]
+        nodes.append(
+            onnx.helper.make_node(
+                "MatMul", [node.input[0], b_name], [product], name=fresh(base + "_MatMul")
+            )
+        )
+        if has_bias:
+            nodes.append(
+                onnx.helper.make_node(
+                    "Add", [product, node.input[2]], [node.output[0]], name=fresh(base + "_Add")
+                )
+            )
+        lowered += 1
+    if lowered:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        # Transposed weights left without readers would be dead weight in the int4 model.
+        used = {i for n in _all_nodes(graph) for i in n.input} | _output_names(graph)
+        kept = [i for i in graph.initializer if i.name in used or i.name not in transposed]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    return model, lowered
+
+
+def _output_names(graph: onnx.GraphProto) -> set[str]:
+    return {o.name for o in graph.output}

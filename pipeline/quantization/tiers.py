@@ -49,6 +49,12 @@ WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 # Cheap ops ORT fuses into QLinearConv chains in CNNs (no Softmax in the graph).
 CNN_EXTRA_OPS = ("Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "Add", "Concat")
 MAX_INTERMEDIATE_OUTPUTS = 16
+# The element type ORT's quantizer assumes for a tensor whose type shape inference could not
+# find. Behind a com.microsoft op (our fused Attention / SkipLayerNormalization) ONNX's
+# inference knows no schema, and without this option quantize_dynamic/static stop with
+# "Unable to find data type for weight_name=...". Every tensor we quantize is float32, so the
+# default is right wherever it is used, and it is never consulted when the type is known.
+DEFAULT_TYPE_OPTION = {"DefaultTensorType": onnx.TensorProto.FLOAT}
 _TWO_GB = 2**31 - 1
 
 
@@ -86,7 +92,11 @@ def int8_dynamic(
         weight_type=QuantType.QInt8,
         nodes_to_exclude=list(exclude_nodes),
         use_external_data_format=_large(model_path),
-        extra_options={"WeightSymmetric": symmetric_weights, "MatMulConstBOnly": True},
+        extra_options={
+            "WeightSymmetric": symmetric_weights,
+            "MatMulConstBOnly": True,
+            **DEFAULT_TYPE_OPTION,
+        },
     )
 
 
@@ -98,12 +108,17 @@ def calibrate(
     method: str,
     op_types: Sequence[str],
 ) -> None:
-    """Run ORT's calibrator over ``reader`` and write the ranges to ORT's JSON cache."""
+    """Run ORT's calibrator over ``reader`` and write the ranges to ORT's JSON cache.
+
+    MinMax memory is bounded by feeding ORT ``MAX_INTERMEDIATE_OUTPUTS`` sets per
+    ``collect_data`` call (each call reduces its sets to ranges and merges them), NOT with
+    ORT's ``max_intermediate_outputs`` option: ORT 1.2x's MinMax calibrator discards the sets
+    it has gathered when that limit is reached without reducing them first, so with exactly
+    16 sets it raises "No data is collected." and with 20 it silently calibrates on the last 4.
+    Readers without ``set_range`` are read in one call.
+    """
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
-    options = {}
-    if method == "minmax":
-        options["max_intermediate_outputs"] = MAX_INTERMEDIATE_OUTPUTS
     with tempfile.TemporaryDirectory(prefix="ovo-calib-") as tmp:
         calibrator = create_calibrator(
             calibration_model,
@@ -112,9 +127,14 @@ def calibrate(
             calibrate_method=CALIBRATION_METHODS[method],
             use_external_data_format=_large(calibration_model),
             providers=["CPUExecutionProvider"],
-            extra_options=options,
         )
-        calibrator.collect_data(reader)
+        total = len(reader) if hasattr(reader, "__len__") else 0
+        if method == "minmax" and hasattr(reader, "set_range") and total:
+            for start in range(0, total, MAX_INTERMEDIATE_OUTPUTS):
+                reader.set_range(start, start + MAX_INTERMEDIATE_OUTPUTS)
+                calibrator.collect_data(reader)
+        else:
+            calibrator.collect_data(reader)
         ranges = calibrator.compute_data()
         del calibrator
     cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,6 +174,7 @@ def int8_static(
             "WeightSymmetric": symmetric_weights,
             # int8 activations must be symmetric for S8S8 kernels to avoid a zero-point shift
             "ActivationSymmetric": activation_type == "int8",
+            **DEFAULT_TYPE_OPTION,
         },
     )
 
