@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import ClassVar
 
+import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
@@ -163,3 +164,31 @@ def _onnx_inference(model: ir.Model) -> None:
             value.type = type_
         if shape is not None:
             value.shape = shape
+
+
+REDUCE_AXES_INPUT_OPSET = 18  # ReduceMean & co. took ``axes`` as an input from opset 18
+
+
+def reduces_last_axis(node: ir.Node, rank: int | None, opset: int) -> bool:
+    """A Reduce* node over the last axis alone with keepdims=1 (axes as attribute or input)."""
+    if node.attributes.get_int("keepdims", 1) != 1:
+        return False
+    if (node.version or opset) < REDUCE_AXES_INPUT_OPSET:
+        axes = node.attributes.get_ints("axes", None)
+    else:
+        axes = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if axes is None or np.asarray(axes).size != 1:
+        return False
+    axis = int(np.asarray(axes).reshape(-1)[0])
+    return axis == -1 or (rank is not None and axis == rank - 1)
+
+
+def outside_use(nodes: list[ir.Node]) -> str | None:
+    """Why a pattern (its nodes, root last) cannot be replaced: the first intermediate
+    that is a graph output or feeds a node outside the pattern; None when all are private."""
+    inside = set(nodes)
+    for node in nodes[:-1]:
+        out = node.outputs[0]
+        if out.is_graph_output() or any(use.node not in inside for use in out.uses()):
+            return f"intermediate {out.name} is used outside the pattern"
+    return None

@@ -39,13 +39,14 @@ from graph_passes.base import (
     constant_tensor,
     infer_shapes,
     is_standard,
+    outside_use,
+    reduces_last_axis,
     replace_value,
 )
 
 logger = logging.getLogger(__name__)
 
 LAYER_NORM_OPSET = 17
-AXES_INPUT_OPSET = 18  # ReduceMean took ``axes`` as an input instead of an attribute
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 
@@ -146,34 +147,17 @@ class FuseLayerNorm(GraphPass):
             reason = "eps is not a one-element constant"
         elif not np.isfinite(eps_array).all():
             reason = "eps is not finite"
-        elif not all(self._last_axis(n, rank) for n in (mean_node, var_mean)):
+        elif not all(reduces_last_axis(n, rank, self._opset) for n in (mean_node, var_mean)):
             reason = "ReduceMean is not over the last axis alone with keepdims=1"
         elif not all(self._param_ok(p, dtype, last) for p in (gamma, beta) if p is not None):
             reason = "gamma/beta are not constants of shape [C] matching x"
         elif any(n.graph is not root.graph or not is_standard(n) for n in nodes):
             reason = "nodes span graphs or domains"
         else:
-            inside = set(nodes)
-            for node in nodes[:-1]:
-                out = node.outputs[0]
-                if out.is_graph_output() or any(use.node not in inside for use in out.uses()):
-                    reason = f"intermediate {out.name} is used outside the pattern"
-                    break
+            reason = outside_use(nodes)
         if reason is not None:
             logger.debug("LayerNorm at %s not fused: %s", root.name, reason)
         return reason is None
-
-    def _last_axis(self, node: ir.Node, rank: int | None) -> bool:
-        if node.attributes.get_int("keepdims", 1) != 1:
-            return False
-        if (node.version or self._opset) < AXES_INPUT_OPSET:
-            axes = node.attributes.get_ints("axes", None)
-        else:
-            axes = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
-        if axes is None or np.asarray(axes).size != 1:
-            return False
-        axis = int(np.asarray(axes).reshape(-1)[0])
-        return axis == -1 or (rank is not None and axis == rank - 1)
 
     def _param_ok(self, value: ir.Value, dtype: ir.DataType, last) -> bool:
         tensor = constant_tensor(value)

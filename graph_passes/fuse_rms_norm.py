@@ -36,13 +36,19 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.base import GraphPass, constant_array, constant_tensor, infer_shapes
+from graph_passes.base import (
+    GraphPass,
+    constant_array,
+    constant_tensor,
+    infer_shapes,
+    outside_use,
+    reduces_last_axis,
+)
 from graph_passes.fuse_gelu import is_op, is_scalar_const, opset_of, producer, rewrite
 from graph_passes.fuse_skip_layer_norm import FuseSkipLayerNorm
 
 logger = logging.getLogger(__name__)
 
-AXES_INPUT_OPSET = 18
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 
@@ -144,7 +150,7 @@ class FuseRMSNorm(GraphPass):
             reason = "eps is not a one-element constant"
         elif not np.isfinite(eps_array).all() or float(eps_array.reshape(-1)[0]) < 0:
             reason = "eps is not finite and >= 0"
-        elif not self._last_axis(mean, None if x.shape is None else len(x.shape)):
+        elif not reduces_last_axis(mean, None if x.shape is None else len(x.shape), self._opset):
             reason = "ReduceMean is not over the last axis alone with keepdims=1"
         elif tensor is None or tensor.dtype != x.dtype or not isinstance(last, int):
             reason = "gamma is not a constant in x's dtype, or x's last dim is unknown"
@@ -155,27 +161,10 @@ class FuseRMSNorm(GraphPass):
         elif _is_centered(x):
             reason = "x is x0 - mean(x0): a LayerNorm, left to the LayerNorm fusions"
         else:
-            inside = set(nodes)
-            for node in nodes[:-1]:
-                out = node.outputs[0]
-                if out.is_graph_output() or any(u.node not in inside for u in out.uses()):
-                    reason = f"intermediate {out.name} is used outside the pattern"
-                    break
+            reason = outside_use(nodes)
         if reason is not None:
             logger.debug("RMSNorm at %s not fused: %s", root.name, reason)
         return reason is None
-
-    def _last_axis(self, node: ir.Node, rank: int | None) -> bool:
-        if node.attributes.get_int("keepdims", 1) != 1:
-            return False
-        if (node.version or self._opset) < AXES_INPUT_OPSET:
-            axes = node.attributes.get_ints("axes", None)
-        else:
-            axes = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
-        if axes is None or np.asarray(axes).size != 1:
-            return False
-        axis = int(np.asarray(axes).reshape(-1)[0])
-        return axis == -1 or (rank is not None and axis == rank - 1)
 
 
 def _is_centered(x: ir.Value) -> bool:

@@ -9,10 +9,8 @@ here checked over many synthetic repeats rather than one lucky pair).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ import onnx_ir as ir
 import pytest
 
 from pipeline import bench as B
+from tests import test_cli as cli_tests
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,14 +189,7 @@ def test_bench_feeds_static_batch() -> None:
 
 
 def run_cli(*args: str | Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "optimize.py"), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    return cli_tests.run_cli(*args, timeout=timeout, env={"OMP_NUM_THREADS": "1"})
 
 
 @pytest.fixture

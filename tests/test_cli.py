@@ -6,6 +6,7 @@ Bad input (every row of the README's "What bad input gets" table) is in test_bad
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,13 +34,17 @@ g (float[batch, 4] x) => (float[batch, 4] y) {
 """
 
 
-def run_cli(*args: str | Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str | Path, timeout: int = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``python optimize.py ARGS`` as a user runs it (shared by the CLI test files)."""
     return subprocess.run(
         [sys.executable, str(ROOT / "optimize.py"), *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=ROOT,
+        env=None if env is None else {**os.environ, **env},
     )
 
 

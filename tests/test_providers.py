@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ import pytest
 
 from pipeline import providers as P
 from pipeline.errors import EXIT_BAD_INPUT, UserError
+from tests.test_cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,16 +64,6 @@ def has_nvidia_driver() -> bool:
 cpu_only = pytest.mark.skipif(
     has_nvidia_driver(), reason="expects a machine without an NVIDIA GPU (nvidia-smi found)"
 )
-
-
-def run_cli(*args: str | Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "optimize.py"), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
 
 
 @pytest.fixture
