@@ -64,6 +64,15 @@ def replace_value(old: ir.Value, new: ir.Value) -> None:
         old.replace_all_uses_with(new)
 
 
+def take_over(old: ir.Value, new: ir.Value) -> None:
+    """``new`` (a fused node's output) replaces ``old`` everywhere, with its type, shape and
+    name, so the graph reads the same to anyone who looks values up by name."""
+    new.type, new.shape = old.type, old.shape
+    name = old.name
+    replace_value(old, new)
+    new.name = name
+
+
 def can_replace(old: ir.Value, new: ir.Value) -> bool:
     """Whether ``replace_value(old, new)`` keeps the graph valid."""
     if not old.is_graph_output():

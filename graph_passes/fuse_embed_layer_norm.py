@@ -37,7 +37,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.base import GraphPass, constant_array, infer_shapes, replace_value
+from graph_passes.base import GraphPass, constant_array, infer_shapes, take_over
 from graph_passes.fuse_gelu import is_op, only_use, opset_of, probe_node, producer
 from graph_passes.fuse_layer_norm import FuseLayerNorm
 from graph_passes.fuse_skip_layer_norm import ir_dims, same_dim
@@ -182,24 +182,15 @@ class FuseEmbedLayerNorm(GraphPass):
             CONTRIB_DOMAIN, OP, inputs, attrs, num_outputs=3 if need_sum else 2, name=root.name
         )
         graph.insert_before(root, node)
-        z = root.outputs[0]
-        out = node.outputs[0]
-        out.type, out.shape = z.type, z.shape
-        node.outputs[1].name = f"{z.name}_mask_index"
-        z_name = z.name
-        replace_value(z, out)
-        out.name = z_name
+        node.outputs[1].name = f"{root.outputs[0].name}_mask_index"
+        take_over(root.outputs[0], node.outputs[0])
         if need_sum:
-            emb = node.outputs[2]
-            emb.type, emb.shape = total.type, total.shape
-            total_name = total.name
-            replace_value(total, emb)
-            emb.name = total_name
+            take_over(total, node.outputs[2])
         position_chain = self._producers(pos.inputs[1])
         graph.remove([*nodes, *adds, *leaves], safe=True)
         self._prune(graph, position_chain)
         model.opset_imports.setdefault(CONTRIB_DOMAIN, 1)
-        logger.debug("fused %s %s (segment: %s)", OP, z_name, seg is not None)
+        logger.debug("fused %s %s (segment: %s)", OP, node.outputs[0].name, seg is not None)
         return 1
 
     def _assign(self, leaves: list[ir.Node]) -> tuple | None:

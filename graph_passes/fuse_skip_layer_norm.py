@@ -33,7 +33,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.base import GraphPass, constant_tensor, infer_shapes, replace_value
+from graph_passes.base import GraphPass, constant_tensor, infer_shapes, take_over
 from graph_passes.fuse_gelu import is_op, only_use, opset_of, probe_node, producer
 from graph_passes.fuse_layer_norm import FuseLayerNorm
 from graph_passes.targets import CONTRIB_DOMAIN, Target
@@ -215,19 +215,11 @@ class FuseSkipLayerNorm(GraphPass):
             num_outputs=4 if need_sum else 1,
             name=root.name,
         )
-        z = root.outputs[0]
-        out = node.outputs[0]
-        out.type, out.shape = z.type, z.shape
+        z_name = root.outputs[0].name
         graph.insert_before(root, node)
-        z_name = z.name
-        replace_value(z, out)
-        out.name = z_name
+        take_over(root.outputs[0], node.outputs[0])
         if need_sum:
-            total = node.outputs[3]
-            total.type, total.shape = s.type, s.shape
-            s_name = s.name
-            replace_value(s, total)
-            total.name = s_name
+            take_over(s, node.outputs[3])
         graph.remove([*nodes, add, *extra_nodes], safe=True)
         model.opset_imports.setdefault(CONTRIB_DOMAIN, 1)
         logger.debug("fused %s %s (sum reused: %s)", op, z_name, need_sum)
