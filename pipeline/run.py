@@ -108,7 +108,8 @@ def _check_paths(options: RunOptions) -> None:
     if not folder.is_dir():
         raise UserError(f"output folder does not exist: {folder}")
     try:  # root passes os.access everywhere; /proc and read-only mounts refuse a real write
-        os.rmdir(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
+        # Not ".tmp-": that prefix is the save's staging folder (crash tests look for it).
+        os.rmdir(tempfile.mkdtemp(prefix=".ovo-write-probe-", dir=folder))
     except OSError as exc:
         raise UserError(f"cannot write to output folder {folder}: {exc.strerror or exc}") from exc
 
