@@ -244,8 +244,7 @@ class FuseAttention(GraphPass):
             self.blocked += 1
             raise Rejected(f"target {self.target.name} cannot run {node.domain}.{node.op_type}")
         new = node.outputs[0]
-        new.type = out.type
-        new.shape = _merged_shape(x, m["heads"] * m["head"]) or out.shape
+        new.type, new.shape = out.type, out.shape
         if not can_replace(out, new):
             raise Rejected("output cannot be replaced")
         for value in new_inits:
@@ -470,16 +469,3 @@ def _shape_closure(start: ir.Node, pattern: set[ir.Node]) -> list[ir.Node] | Non
 
 def _rank(value: ir.Value | None) -> int | None:
     return None if value is None or value.shape is None else len(value.shape)
-
-
-def _merged_shape(x: ir.Value, width: int) -> ir.Shape | None:
-    """``[B, S, heads * head]`` from the input ``[B, S, E]``: the fused output's shape.
-
-    Exporters that merge heads with a Shape-computed Reshape leave the attention output
-    without a shape, or with fresh ``unk__`` symbols; stating it in the input's own symbols
-    lets later passes (SkipLayerNormalization's shape proof) see that the residual Add adds
-    two tensors of one shape.
-    """
-    if x.shape is None or len(x.shape) != 3:
-        return None
-    return ir.Shape([x.shape[0], x.shape[1], width])

@@ -8,9 +8,7 @@ without our fix.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from pipeline.quantization import guard, preprocess, tiers
 from pipeline.quantization.isa import choose_int8_types
 from pipeline.quantize import QuantizeOptions, quantize_model
+from tests.test_cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(0)
@@ -555,14 +554,7 @@ def test_auto_measures_every_candidate_and_keeps_the_fastest_within_budget(tmp_p
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "optimize.py"), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    return run_cli(*args, env={"OMP_NUM_THREADS": "1"})
 
 
 def test_cli_int8_dynamic_end_to_end(tmp_path):
