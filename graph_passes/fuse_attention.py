@@ -93,6 +93,7 @@ class FuseAttention(GraphPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.matches = 0
         self.blocked = 0  # matched but left: the target has no op for it (e.g. opset < 23)
+        self.declined = 0  # matched but left: every fused form is measured slower
         self.rejected: list[str] = []  # why matched softmaxes were not fused
         self._opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
         # Values built once and shared by every layer: int32 masks, full-query biases.
@@ -106,6 +107,7 @@ class FuseAttention(GraphPass):
                 match = self._match(softmax)
                 self._rewrite(graph, match)
             except Rejected as exc:
+                _detach([n for n in getattr(self, "_pending", []) if n.graph is None])
                 self.rejected.append(f"{softmax.name}: {exc}")
                 logger.debug("attention at %s not fused: %s", softmax.name, exc)
         if self.matches and CONTRIB not in model.opset_imports and self._used_contrib(graph):
@@ -230,22 +232,24 @@ class FuseAttention(GraphPass):
                 except Rejected as exc:
                     logger.debug("not packing Q/K/V for %s: %s", out.name, exc)
                     packed = False
-            node, removed, new_inits = (
-                self._packed(m, mask, attrs_scale) if packed else self._mha(m, mask, attrs_scale)
-            )
+            builds = [self._packed, self._mha] if packed else [self._mha]
+            if not self.target.measures:  # the preferred op, as long as nothing is timed
+                builds = builds[:1]
+            node, removed, new_inits = self._fastest(m, mask, attrs_scale, builds)
         else:
             if not self.target.allows_standard("Attention", self._opset):
                 self.blocked += 1
                 raise Rejected(f"portable target needs opset >= 23 (model has {self._opset})")
-            node, removed, new_inits = self._standard(m, attrs_scale)
-        removed = removed + self._shape_readers(removed, out)
-        self._private(removed, out)
-        if not self.target.supports(node):
-            self.blocked += 1
-            raise Rejected(f"target {self.target.name} cannot run {node.domain}.{node.op_type}")
+            candidate = self._standard(m, attrs_scale)
+            try:
+                node, removed, new_inits = self._vet(candidate, out)
+            except Rejected:
+                _detach([candidate[0]])
+                raise
         new = node.outputs[0]
         new.type, new.shape = out.type, out.shape
         if not can_replace(out, new):
+            _detach([node])
             raise Rejected("output cannot be replaced")
         for value in new_inits:
             base, i = value.name, 1
@@ -264,6 +268,62 @@ class FuseAttention(GraphPass):
         _remove_dead_producers(graph, feeding)
         self.matches += 1
         logger.debug("fused attention into %s.%s %s", node.domain, node.op_type, name)
+
+    def _vet(self, candidate: tuple, out: ir.Value) -> tuple:
+        """``(node, removed, inits)`` with the pattern's dead shape readers added to
+        ``removed``; Rejected when an intermediate is used elsewhere or the target has no
+        kernel for the node."""
+        node, removed, inits = candidate
+        removed = removed + self._shape_readers(removed, out)
+        self._private(removed, out)
+        if not self.target.supports(node):
+            self.blocked += 1
+            raise Rejected(f"target {self.target.name} cannot run {node.domain}.{node.op_type}")
+        return node, removed, inits
+
+    def _fastest(self, m: dict, mask, scale: list, builds: list) -> tuple:
+        """The candidate to emit: the first when the target is not timed, else the one
+        measured fastest among those not slower than the pattern (``Target.measure_rewrite``).
+
+        Each candidate is built and vetted before the next is built (a built node uses the
+        graph's values, and vetting checks those uses). Every candidate is timed against the
+        same nodes (projections + core), so their ratios compare: MultiHeadAttention keeps
+        the projections, so they count on its side. The losers are detached so they leave
+        no uses on the graph's values.
+        """
+        out = m["out"]
+        projections = [n for p in m["projections"] for n in p.nodes]
+        vetted, reasons = [], []
+        for build in builds:
+            candidate = build(m, mask, scale)
+            try:
+                vetted.append(self._vet(candidate, out))
+            except Rejected as exc:
+                reasons.append(str(exc))
+                _detach([candidate[0]])
+        if not vetted:
+            raise Rejected("; ".join(reasons))
+        best, best_ratio, checks = None, math.inf, []
+        for node, removed, inits in vetted:
+            kept = [] if set(projections) <= set(removed) else projections
+            check = self.target.measure_rewrite(
+                kept + [n for n in removed if n not in kept],
+                [out],
+                kept + [node],
+                [node.outputs[0]],
+            )
+            if check is None:  # not timed: the preferred candidate
+                best = (node, removed, inits)
+                break
+            checks.append(check)
+            ratio = check.ratio if check.ratio is not None else 1.0
+            if not check.declined and ratio < best_ratio:
+                best, best_ratio = (node, removed, inits), ratio
+        _detach([node for node, _, _ in vetted if best is None or node is not best[0]])
+        if best is None:
+            self.declined += 1
+            raise Rejected("measured slower: " + "; ".join(c.describe() for c in checks))
+        return best
 
     def _packable(self, m: dict) -> bool:
         weights = [constant_array(p.weight) for p in m["projections"]]
@@ -417,6 +477,13 @@ class FuseAttention(GraphPass):
                     for use in value.uses()
                 ):
                     raise Rejected(f"intermediate {value.name} is used outside the pattern")
+
+
+def _detach(nodes: list[ir.Node]) -> None:
+    """Drop the inputs of nodes that will not be inserted, so the graph's values do not
+    keep uses by them."""
+    for node in nodes:
+        node.resize_inputs(0)
 
 
 def _remove_dead_producers(graph: ir.Graph, values: list[ir.Value]) -> None:

@@ -48,6 +48,7 @@ class FuseBiasGelu(GraphPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.matches = 0
+        self.declined = 0  # matched, but the fused kernel is measured slower on the target
         if not self.target.allows_contrib:
             return self.result(model)
         infer_shapes(model)
@@ -61,8 +62,14 @@ class FuseBiasGelu(GraphPass):
                 if operands is None:
                     continue
                 op = "BiasGelu" if form == "none" else "FastGelu"
-                if not self.target.supports(probe_node(CONTRIB_DOMAIN, op, operands)):
+                probe = probe_node(CONTRIB_DOMAIN, op, operands)
+                if not self.target.supports(probe):
                     logger.debug("%s: no %s kernel for this target", node.name, op)
+                    continue
+                if not self.target.rewrite_pays(
+                    [add, node], [node.outputs[0]], [probe], [probe.outputs[0]]
+                ):
+                    self.declined += 1
                     continue
                 fused = ir.Node(CONTRIB_DOMAIN, op, operands, name=node.name)
                 if rewrite(graph, node, [add, node], fused):

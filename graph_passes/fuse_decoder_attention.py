@@ -61,6 +61,7 @@ from graph_passes.base import (
     is_standard,
     replace_value,
 )
+from graph_passes.fuse_gelu import probe_node
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class FuseDecoderAttention(GraphPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.matches = 0
         self.blocked = 0  # matched, but the target cannot run the fused op
+        self.declined = 0  # matched, but every fused form is measured slower on the target
         self.rejected: list[str] = []  # why attention-like Softmaxes were left, for reports
         self._opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
         infer_shapes(model)
@@ -265,22 +267,38 @@ class FuseDecoderAttention(GraphPass):
         if m.bias is not None:
             inputs += [None, None, m.bias]
         attrs = [ir.AttrInt64("num_heads", m.heads), ir.AttrFloat32("scale", m.scale)]
-        mha = ir.Node(CONTRIB_DOMAIN, "MultiHeadAttention", inputs, attrs)
-        if self.target.allows_contrib and self.target.supports(mha):
+        declined = self.declined
+        mha = probe_node(CONTRIB_DOMAIN, "MultiHeadAttention", inputs, attrs)
+        # 4D in and out (B, H, S, D) for the standard op: q's head split and the merge stay.
+        std_inputs = [m.q4, m.key, m.value] + ([m.bias] if m.bias is not None else [])
+        std_attrs = [ir.AttrFloat32("scale", m.scale)]
+        if (
+            self.target.allows_contrib
+            and self.target.supports(mha)
+            and self._pays(m.nodes, m.out, mha)
+        ):
+            mha = ir.Node(CONTRIB_DOMAIN, "MultiHeadAttention", inputs, attrs)
             self._replace(graph, m.out, mha, m.nodes, m.zero)
             kind = "MultiHeadAttention"
-        elif self.target.allows_standard("Attention", self._opset):
-            # 4D in and out (B, H, S, D): q's head split and the merge stay around it.
-            inputs = [m.q4, m.key, m.value] + ([m.bias] if m.bias is not None else [])
-            std = ir.Node("", "Attention", inputs, [ir.AttrFloat32("scale", m.scale)])
+        elif self.target.allows_standard("Attention", self._opset) and self._pays(
+            m.core, m.heads_out, probe_node("", "Attention", std_inputs, std_attrs)
+        ):
+            std = ir.Node("", "Attention", std_inputs, std_attrs)
             self._replace(graph, m.heads_out, std, m.core, m.zero)
             kind = "Attention"
         else:
-            self.blocked += 1
+            self.blocked += self.declined == declined
             logger.debug("attention at %s blocked by target %s", m.out.name, self.target.name)
             return
         self.matches += 1
         logger.debug("fused %s into %s (%d heads, scale %g)", m.out.name, kind, m.heads, m.scale)
+
+    def _pays(self, nodes, out: ir.Value, probe: ir.Node) -> bool:
+        """Whether the target does not measure ``probe`` slower than ``nodes`` (-> ``out``)."""
+        if self.target.rewrite_pays(nodes, [out], [probe], [probe.outputs[0]]):
+            return True
+        self.declined += 1
+        return False
 
     def _replace(self, graph, old: ir.Value, node: ir.Node, nodes, zero) -> None:
         """Put ``node`` (plus the NaN guard when ``zero``) in place of ``nodes``, whose last

@@ -36,14 +36,12 @@ import onnx_ir as ir
 from graph_passes.base import GraphPass, constant_tensor, infer_shapes, take_over
 from graph_passes.fuse_gelu import is_op, only_use, opset_of, probe_node, producer
 from graph_passes.fuse_layer_norm import FuseLayerNorm
+from graph_passes.symbolic_shapes import Dims, symbolic_dims
 from graph_passes.targets import CONTRIB_DOMAIN, Target
 
 logger = logging.getLogger(__name__)
 
 SKIP_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
-
-
-Dims = tuple[int | str | None, ...]
 
 
 def ir_dims(value: ir.Value) -> Dims | None:
@@ -78,56 +76,6 @@ def skip_fits(skip: Dims | None, s: Dims | None) -> bool:
     return all(same_dim(x, y) for x, y in zip(skip[-2:], s[-2:], strict=True))
 
 
-def symbolic_dims(model: ir.Model) -> dict[str, Dims]:
-    """Shapes from ONNX Runtime's symbolic shape inference, by value name ({} on failure).
-
-    ONNX's own inference gives up on shapes computed at run time (``Reshape(x,
-    Concat(Shape(x)[0], ...))`` after attention) and names each unknown dim afresh, so a
-    residual ``Add([B, S, C], [B, unk, C])`` cannot be proven shape-preserving. ORT's
-    symbolic inference follows the shape arithmetic. It runs with ``auto_merge=False``: it
-    never assumes two unknown dims equal (with merging on it would, which proves nothing).
-    Big weights are given to it as inputs of their shape: it only reads small shape tensors.
-    """
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        # Weights become graph inputs of their type and shape on a clone (which shares the
-        # tensors): nothing is copied or read but the small shape constants.
-        work = model.clone()
-        for name, value in list(work.graph.initializers.items()):
-            tensor = value.const_value
-            if tensor is None or tensor.nbytes > 1024:
-                del work.graph.initializers[name]
-                if not value.is_graph_input():
-                    work.graph.inputs.append(value)
-        proto = ir.to_proto(work)
-        del proto.graph.value_info[:]  # its own inference, not ONNX's fresh unk__ symbols
-        # ORT's static ``infer_shapes`` throws the partial result away (and saves
-        # "sym_shape_infer_temp.onnx" into the working directory) when one value stays
-        # unknown; its steps are driven here instead so every proven shape is kept.
-        inference = SymbolicShapeInference(2**31 - 1, False, False, 0)
-        inference._preprocess(proto)
-        while inference.run_:
-            inference._infer_impl()
-        inference._update_output_from_vi()
-        inferred = inference.out_mp_
-    except Exception as exc:  # noqa: BLE001 - any failure just means no extra shape facts
-        logger.debug("symbolic shape inference failed: %s", exc)
-        return {}
-    found: dict[str, Dims] = {}
-    graph = inferred.graph
-    for info in (*graph.value_info, *graph.input, *graph.output):
-        kind = info.type.WhichOneof("value")
-        if kind != "tensor_type" or not info.type.tensor_type.HasField("shape"):
-            continue
-        dims = []
-        for d in info.type.tensor_type.shape.dim:
-            which = d.WhichOneof("value")
-            dims.append(d.dim_value if which == "dim_value" else (d.dim_param or None))
-        found[info.name] = tuple(dims)
-    return found
-
-
 class FuseSkipLayerNorm(GraphPass):
     """Add (+ bias Add) + LayerNorm (standard or decomposed) -> SkipLayerNormalization."""
 
@@ -136,10 +84,12 @@ class FuseSkipLayerNorm(GraphPass):
     def __init__(self, target: Target | None = None) -> None:
         super().__init__(target)
         self._symbolic: dict[str, Dims] | None = None  # ORT's symbolic shapes, when needed
+        self.blocked = 0  # matched, but the target has no kernel for the fused node
+        self.declined = 0  # matched, but the fused kernel is measured slower on the target
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.matches = 0
-        self.blocked = 0  # matched, but the target has no kernel for the fused node
+        self.blocked = self.declined = 0
         if not self.target.allows_contrib:
             return self.result(model)
         opset = opset_of(model)
@@ -203,9 +153,18 @@ class FuseSkipLayerNorm(GraphPass):
         while inputs[-1] is None:
             inputs.pop()
         attrs = [ir.AttrFloat32("epsilon", float(eps))]
-        probe = probe_node(CONTRIB_DOMAIN, op, inputs, attrs)
+        probe = probe_node(CONTRIB_DOMAIN, op, inputs, attrs, num_outputs=4 if need_sum else 1)
         if not self.target.supports(probe):
             self.blocked += 1
+            return 0
+        replaced = [*nodes, add, *extra_nodes]
+        if not self.target.rewrite_pays(
+            replaced,
+            [root.outputs[0], s] if need_sum else [root.outputs[0]],
+            [probe],
+            [probe.outputs[0], probe.outputs[3]] if need_sum else [probe.outputs[0]],
+        ):
+            self.declined += 1
             return 0
         node = ir.Node(
             CONTRIB_DOMAIN,
@@ -220,7 +179,7 @@ class FuseSkipLayerNorm(GraphPass):
         take_over(root.outputs[0], node.outputs[0])
         if need_sum:
             take_over(s, node.outputs[3])
-        graph.remove([*nodes, add, *extra_nodes], safe=True)
+        graph.remove(replaced, safe=True)
         model.opset_imports.setdefault(CONTRIB_DOMAIN, 1)
         logger.debug("fused %s %s (sum reused: %s)", op, z_name, need_sum)
         return 1

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import onnx
@@ -71,12 +72,26 @@ class Target:
     # Raise the model's default-domain opset up to this (0: never) when that lets a
     # standard fused op be used; the ``raise_opset`` pass does it before the fusions.
     raise_opset_to: int = 0
+    # Time each contrib fusion against the nodes it replaces (graph_passes/kernel_timing.py)
+    # and decline it where the fused kernel is slower. Only a ``cpu`` target is measured:
+    # that is the provider this machine has. Off by default so that unit tests of a
+    # fusion's pattern do not depend on timing; the pipeline turns it on.
+    time_kernels: bool = False
+    # Every measurement this target made, in order, for the report (shared by the passes
+    # of one run; not part of the target's identity).
+    kernel_checks: list = field(default_factory=list, compare=False, hash=False, repr=False)
 
     KINDS: ClassVar[tuple[str, ...]] = TARGETS
 
     def __post_init__(self) -> None:
         if self.name not in TARGETS:
             raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.name!r}")
+
+    @property
+    def measures(self) -> bool:
+        """Whether fusions are timed here before they are applied (``time_kernels`` on a
+        ``cpu`` target: the only provider this machine is sure to have)."""
+        return self.time_kernels and self.name == "cpu"
 
     @property
     def allows_contrib(self) -> bool:
@@ -101,6 +116,46 @@ class Target:
             return False
         key = (node.domain, node.op_type, tuple(_dtype_of(v) for v in node.inputs))
         return _has_cpu_kernel(key, _node_proto(node))
+
+    def rewrite_pays(
+        self,
+        before: Sequence[ir.Node],
+        before_outputs: Sequence[ir.Value],
+        after: Sequence[ir.Node],
+        after_outputs: Sequence[ir.Value],
+    ) -> bool:
+        """Whether to apply a rewrite of ``before`` into ``after`` (the fused nodes).
+
+        False only when the target is measured and the fused nodes are slower beyond noise.
+        """
+        check = self.measure_rewrite(before, before_outputs, after, after_outputs)
+        return check is None or not check.declined
+
+    def measure_rewrite(
+        self,
+        before: Sequence[ir.Node],
+        before_outputs: Sequence[ir.Value],
+        after: Sequence[ir.Node],
+        after_outputs: Sequence[ir.Value],
+    ):  # -> KernelCheck | None
+        """Time ``after`` against ``before`` on this target (``graph_passes/kernel_timing``).
+
+        None when this target is not measured (``time_kernels`` off, or not ``cpu``: only
+        the local CPU can be timed here). Each measurement is kept in ``kernel_checks``.
+        """
+        if not self.measures or not before:
+            return None
+        from graph_passes.kernel_timing import check_rewrite
+
+        graph = before[0].graph
+        opsets = dict(graph.opset_imports) if graph is not None else {}
+        for node in after:
+            opsets.setdefault(node.domain, 1)
+        opsets.setdefault("", 17)
+        check = check_rewrite(before, before_outputs, after, after_outputs, opsets)
+        self.kernel_checks.append(check)
+        logger.info("kernel timing: %s", check.describe())
+        return check
 
 
 def _dtype_of(value: ir.Value | None) -> int:

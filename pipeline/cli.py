@@ -191,6 +191,14 @@ def optimize(
             "--speed-check/--no-speed-check", help="Time original vs. optimized (default: recipe)."
         ),
     ] = None,
+    time_kernels: Annotated[
+        bool | None,
+        typer.Option(
+            "--time-kernels/--no-time-kernels",
+            help="Time each contrib fusion against the ops it replaces on this CPU and skip "
+            "it where slower (cpu target; default: recipe).",
+        ),
+    ] = None,
     target: Annotated[
         str | None,
         typer.Option(
@@ -300,6 +308,7 @@ def optimize(
             atol=atol,
             verify_mode=verify,
             speed_check=speed_check,
+            time_kernels=time_kernels,
             target=_pick_target(target, portable),
             raise_opset_to=raise_opset,
         )

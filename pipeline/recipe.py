@@ -63,6 +63,9 @@ class SpeedSettings:
     check: bool = True
     rounds: int = 15
     max_slowdown: float = 0.05
+    # Time each contrib fusion against the nodes it replaces on this CPU and leave it out
+    # where the fused kernel is slower (graph_passes/kernel_timing.py; cpu target only).
+    time_kernels: bool = True
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ class Recipe:
         atol: float | None = None,
         verify_mode: str | None = None,
         speed_check: bool | None = None,
+        time_kernels: bool | None = None,
         target: str | None = None,
         raise_opset_to: int | None = None,
     ) -> Recipe:
@@ -108,10 +112,10 @@ class Recipe:
             atol=self.verify.atol if atol is None else atol,
             mode=self.verify.mode if verify_mode is None else verify_mode,
         )
-        speed = (
-            self.speed
-            if speed_check is None
-            else dataclasses.replace(self.speed, check=speed_check)
+        speed = dataclasses.replace(
+            self.speed,
+            check=self.speed.check if speed_check is None else speed_check,
+            time_kernels=self.speed.time_kernels if time_kernels is None else time_kernels,
         )
         return dataclasses.replace(
             self,

@@ -108,6 +108,9 @@ class Report:
     iterations: int = 0
     # pipeline.fusion_report rows: {fusion, expected, achieved, note} for the model's family.
     fusions: list[dict] = field(default_factory=list)
+    # graph_passes.kernel_timing.KernelCheck rows (+ "patterns": how many matches each
+    # decided): fused kernel vs. the ops it replaces, timed on this CPU.
+    kernel_timing: list[dict] = field(default_factory=list)
     parity: dict | None = None
     latency: dict | None = None
     provider: dict | None = None  # pipeline.providers.Resolution.to_dict() + "check"

@@ -1,7 +1,8 @@
 """``--portable`` end to end: a tiny BERT optimized through the CLI comes out in the standard
 ONNX domain only, with the standard fused ops (LayerNormalization, Gelu, Attention at opset
 23), runs in a plain ORT CPU session and matches the original. The default target on the same
-model does emit com.microsoft ops, so the portable assertion can fail."""
+model does emit com.microsoft ops, so the portable assertion can fail; with kernel timing on
+(the default) each of them is there exactly when its measurement did not say slower."""
 
 from __future__ import annotations
 
@@ -89,8 +90,28 @@ def test_portable_is_standard_onnx_only(tiny_bert: Path, tmp_path: Path) -> None
 
 def test_default_target_uses_contrib_ops(tiny_bert: Path, tmp_path: Path) -> None:
     out = tmp_path / "cpu.onnx"
-    done = _optimize(tiny_bert, out)
+    done = _optimize(tiny_bert, out, "--no-time-kernels")  # every fusion, timed or not
     assert done.returncode == 0, done.stdout + done.stderr
     ops = _ops(onnx.load(out))
     contrib = {op for domain, op in ops if domain == "com.microsoft"}
     assert {"Attention", "SkipLayerNormalization"} <= contrib, ops
+
+
+def test_timed_fusions_follow_their_measurements(tiny_bert: Path, tmp_path: Path) -> None:
+    """With kernel timing on (the default), each contrib op is in the output exactly when
+    its measurement did not say slower, and the report explains every fusion left out."""
+    out, report_path = tmp_path / "timed.onnx", tmp_path / "report.json"
+    done = _optimize(tiny_bert, out, "--report", str(report_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(report_path.read_text())
+    measured = {row["fused"].split(".")[-1]: row for row in report["kernel_timing"]}
+    assert "SkipLayerNormalization" in measured, measured
+    assert "Attention" in measured or "MultiHeadAttention" in measured, measured
+    ops = {op for domain, op in _ops(onnx.load(out)) if domain == "com.microsoft"}
+    skip = measured["SkipLayerNormalization"]
+    assert ("SkipLayerNormalization" in ops) == (skip["verdict"] != "slower"), (skip, ops)
+    rows = {row["fusion"]: row for row in report["fusions"]}
+    if skip["verdict"] == "slower":
+        assert rows["skip_layernorm"]["declined"] == rows["skip_layernorm"]["expected"]
+        assert "left out on purpose" in rows["skip_layernorm"]["note"]
+    assert not [w for w in report["warnings"] if w.startswith("fusion shortfall")]

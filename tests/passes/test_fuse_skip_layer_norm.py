@@ -224,7 +224,7 @@ def test_shape_proven_by_symbolic_inference():
 def test_symbolic_shape_inference_leaves_no_debris_in_the_working_directory(tmp_path, monkeypatch):
     # ORT's symbolic inference saves "sym_shape_infer_temp.onnx" into the working directory
     # when it cannot infer everything (here: an op from an unknown domain).
-    from graph_passes.fuse_skip_layer_norm import symbolic_dims
+    from graph_passes.symbolic_shapes import symbolic_dims
 
     model = model_from_text(
         """

@@ -1,0 +1,307 @@
+"""graph_passes/kernel_timing.py and Target.measure_rewrite: a fused form is timed against the
+nodes it replaces, declined only when measured slower, and each fusion pass respects that.
+
+The real measurements here use forms whose costs differ by orders of magnitude (a Relu
+against a chain of 256x256 MatMuls), so their verdicts do not depend on machine noise. The
+pass tests replace the measurement with a fake that answers by op type, so they check the
+decision logic exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from graph_passes import kernel_timing
+from graph_passes.base import infer_shapes
+from graph_passes.fuse_attention import FuseAttention
+from graph_passes.fuse_bias_gelu import FuseBiasGelu
+from graph_passes.fuse_gelu import FuseGelu
+from graph_passes.fuse_skip_layer_norm import FuseSkipLayerNorm
+from graph_passes.kernel_timing import KernelCheck, check_rewrite
+from graph_passes.targets import Target
+from graph_passes.testing import apply_pass, assert_parity, model_from_text, op_list
+from pipeline.fusion_report import FusionRow, _row, kernel_timing_rows
+
+OPSETS = {"": 17}
+TIMED = Target("cpu", time_kernels=True)
+
+
+def _chain(text: str) -> tuple[ir.Model, list[ir.Node]]:
+    model = model_from_text(text)
+    return model, list(model.graph)
+
+
+def _heavy_and_light(width: int = 256) -> tuple[list[ir.Node], ir.Value, list[ir.Node], ir.Value]:
+    """A Relu (light) and eight chained width x width MatMuls (heavy) on the same input."""
+    steps = "\n".join(f"  h{i + 1} = MatMul(h{i}, w{i})" for i in range(8))
+    model, nodes = _chain(
+        f"""<ir_version: 9, opset_import: ["" : 17]>
+        g (float[N, S, {width}] h0) => (float[N, S, {width}] h8, float[N, S, {width}] r) {{
+        {steps}
+          r = Relu(h0)
+        }}"""
+    )
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        value = ir.Value(name=f"w{i}", const_value=ir.tensor(rng.random((width, width), "f")))
+        model.graph.register_initializer(value)
+        nodes[i].replace_input_with(1, value)
+    heavy, light = nodes[:8], nodes[8:]
+    return heavy, heavy[-1].outputs[0], light, light[0].outputs[0]
+
+
+def test_a_much_heavier_fused_form_is_declined() -> None:
+    heavy, heavy_out, light, light_out = _heavy_and_light()
+    check = check_rewrite(light, [light_out], heavy, [heavy_out], OPSETS)
+    assert check.verdict == "slower" and check.declined
+    assert check.ratio > 2 and check.shape == "1x128x256"
+    assert "MatMul" in check.fused and check.replaced == "Relu"
+
+
+def test_a_much_lighter_fused_form_is_kept() -> None:
+    heavy, heavy_out, light, light_out = _heavy_and_light(width=192)
+    check = check_rewrite(heavy, [heavy_out], light, [light_out], OPSETS)
+    assert check.verdict == "faster" and not check.declined and check.ratio < 0.5
+
+
+def test_same_structure_is_measured_once() -> None:
+    kernel_timing._measure.cache_clear()
+    for _ in range(2):  # fresh weights each time: the cache key is the structure
+        heavy, heavy_out, light, light_out = _heavy_and_light(width=64)
+        check_rewrite(light, [light_out], heavy, [heavy_out], OPSETS)
+    info = kernel_timing._measure.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("ratios", "verdict"),
+    [
+        ([1.0] * 9, "same"),
+        ([1.5] * 9, "slower"),
+        ([0.5] * 9, "faster"),
+        ([1.02] * 9, "same"),  # within the 3% margin
+        ([0.8, 0.9, 0.95, 1.05, 1.06, 1.07, 1.2, 1.3, 1.4], "same"),  # rounds disagree
+        ([1.05, 1.06, 1.04, 1.1, 1.07, 0.99, 1.08, 1.05, 1.2], "slower"),
+    ],
+)
+def test_verdict_needs_margin_and_agreement(ratios: list[float], verdict: str) -> None:
+    assert kernel_timing._verdict(ratios) == verdict
+
+
+def test_unknown_rank_is_unmeasured_and_keeps_the_fusion() -> None:
+    _, nodes = _chain(
+        """<ir_version: 9, opset_import: ["" : 17]>
+        g (float x) => (float y) { y = Relu(x) }"""
+    )
+    nodes[0].inputs[0].shape = None
+    check = check_rewrite(nodes, [nodes[0].outputs[0]], nodes, [nodes[0].outputs[0]], OPSETS)
+    assert check.verdict == "unmeasured" and "rank" in check.reason and not check.declined
+
+
+def test_subgraph_is_unmeasured() -> None:
+    _, nodes = _chain(
+        """<ir_version: 9, opset_import: ["" : 17]>
+        g (bool c, float[2] x) => (float[2] y) {
+          y = If(c) <then_branch = t () => (float[2] a) { a = Relu(x) },
+                     else_branch = e () => (float[2] b) { b = Neg(x) }>
+        }"""
+    )
+    out = nodes[0].outputs[0]
+    check = check_rewrite(nodes, [out], nodes, [out], OPSETS)
+    assert check.verdict == "unmeasured" and "subgraph" in check.reason
+
+
+def test_shape_computed_outside_the_pattern_is_cut_out_with_it() -> None:
+    """A Reshape target built from Shape(x) outside the pattern: random integers would break
+    it, so the shape arithmetic comes along and the sizes follow from x."""
+    model, nodes = _chain(
+        """<ir_version: 9, opset_import: ["" : 17]>
+        g (float[N, S, 64] x) => (float[N, S, 8, 8] y, float[N, S, 8, 8] z)
+        <int64[1] zero = {0}, int64[1] two = {2}, int64[1] eight = {8}> {
+          shape = Shape(x)
+          lead = Slice(shape, zero, two)
+          full = Concat<axis=0>(lead, eight, eight)
+          y = Reshape(x, full)
+          r = Relu(x)
+          z = Reshape(r, full)
+        }"""
+    )
+    infer_shapes(model)
+    reshape, relu_reshape = [nodes[3]], nodes[4:]
+    check = check_rewrite(
+        reshape, [reshape[0].outputs[0]], relu_reshape, [relu_reshape[-1].outputs[0]], OPSETS
+    )
+    assert check.ratio is not None, check.reason
+
+
+def test_mask_bias_with_anonymous_dims_is_measured() -> None:
+    """ONNX inference leaves a computed [B, 1, S, S] mask bias as four anonymous dims; the
+    retry gives dims that only feed broadcasting ops size 1."""
+    _, nodes = _chain(
+        """<ir_version: 9, opset_import: ["" : 17]>
+        g (float[N, 4, S, S] scores, float[a, b, c, d] bias) => (float[N, 4, S, S] p) {
+          t = Add(scores, bias)
+          p = Softmax<axis=-1>(t)
+        }"""
+    )
+    for dim_owner in nodes[0].inputs[1:]:
+        dim_owner.shape = ir.Shape([ir.SymbolicDim(f"unk__{i}") for i in range(4)])
+    out = nodes[-1].outputs[0]
+    check = check_rewrite(nodes, [out], nodes, [out], OPSETS)
+    assert check.ratio is not None, check.reason
+
+
+def test_target_measures_only_a_timed_cpu_target() -> None:
+    heavy, heavy_out, light, light_out = _heavy_and_light(width=64)
+    for target in (Target("cpu"), Target("cuda", time_kernels=True)):
+        assert target.measure_rewrite(light, [light_out], heavy, [heavy_out]) is None
+        assert target.rewrite_pays(light, [light_out], heavy, [heavy_out])
+        assert target.kernel_checks == []
+    timed = Target("cpu", time_kernels=True)
+    assert not timed.rewrite_pays(light, [light_out], heavy, [heavy_out])
+    assert [c.verdict for c in timed.kernel_checks] == ["slower"]
+
+
+# -- the passes obey the measurement ---------------------------------------------------------
+
+
+@pytest.fixture
+def slower(monkeypatch):
+    """Fake timings: ``slower[op] = ratio`` for the fused op named as the report names it
+    ("com.microsoft.Gelu" and the standard "Gelu" are different); anything else 0.8."""
+    ratios: dict[str, float] = {}
+
+    def fake(original, candidate, threads):
+        for op, ratio in ratios.items():
+            if f"|{op}[" in "|" + candidate.signature:
+                return ratio, 9, kernel_timing._verdict([ratio] * 9)
+        return 0.8, 9, "faster"
+
+    monkeypatch.setattr(kernel_timing, "_measure", fake)
+    return ratios
+
+
+SKIP_LN = """<ir_version: 9, opset_import: ["" : 17]>
+g (float[N, S, 4] a, float[N, S, 4] b) => (float[N, S, 4] z)
+<float[4] gamma = {0.5, -1.0, 2.0, 1.5}, float[4] beta = {0.1, 0.2, -0.3, 0.0}> {
+  s = Add(a, b)
+  z = LayerNormalization<axis=-1, epsilon=0.001>(s, gamma, beta)
+}"""
+
+
+def test_skip_layer_norm_measured_slower_is_left_unfused(slower) -> None:
+    slower["com.microsoft.SkipLayerNormalization"] = 2.5
+    model = model_from_text(SKIP_LN)
+    pass_ = FuseSkipLayerNorm(Target("cpu", time_kernels=True))
+    candidate, result = apply_pass(pass_, model)
+    assert not result.modified and (pass_.matches, pass_.declined) == (0, 1)
+    assert op_list(candidate) == ["Add", "LayerNormalization"]
+    assert pass_.target.kernel_checks[0].replaced == "Add, LayerNormalization"
+
+
+def test_skip_layer_norm_measured_same_is_fused(slower) -> None:
+    slower["com.microsoft.SkipLayerNormalization"] = 1.01
+    pass_ = FuseSkipLayerNorm(Target("cpu", time_kernels=True))
+    candidate, result = apply_pass(pass_, model_from_text(SKIP_LN))
+    assert result.modified and op_list(candidate) == ["SkipLayerNormalization"]
+
+
+BIAS_GELU = """<ir_version: 9, opset_import: ["" : 20]>
+g (float[N, S, 4] x) => (float[N, S, 4] y) <float[4] bias = {0.1, 0.2, -0.3, 0.0}> {
+  t = Add(x, bias)
+  y = Gelu(t)
+}"""
+
+
+def test_bias_gelu_measured_slower_is_left_unfused(slower) -> None:
+    slower["com.microsoft.BiasGelu"] = 1.2
+    pass_ = FuseBiasGelu(Target("cpu", time_kernels=True))
+    candidate, result = apply_pass(pass_, model_from_text(BIAS_GELU))
+    assert not result.modified and pass_.declined == 1
+    assert op_list(candidate) == ["Add", "Gelu"]
+
+
+ERF_GELU = """<ir_version: 9, opset_import: ["" : {opset}]>
+g (float[N, S, 4] x) => (float[N, S, 4] y)
+<float s = {{1.4142135}}, float one = {{1.0}}, float half = {{0.5}}> {{
+  d = Div(x, s)
+  e = Erf(d)
+  p = Add(e, one)
+  m = Mul(x, p)
+  y = Mul(m, half)
+}}"""
+
+
+@pytest.mark.parametrize(
+    ("opset", "ops"), [(20, ["Gelu"]), (17, ["Div", "Erf", "Add", "Mul", "Mul"])]
+)
+def test_gelu_contrib_measured_slower_falls_back_to_standard_gelu(slower, opset, ops) -> None:
+    slower["com.microsoft.Gelu"] = 1.5
+    model = model_from_text(ERF_GELU.format(opset=opset))
+    pass_ = FuseGelu(Target("cpu", time_kernels=True))
+    candidate, _ = apply_pass(pass_, model)
+    assert op_list(candidate) == ops
+    assert pass_.blocked == 0  # left on purpose, not for want of an op
+    assert_parity(model, candidate, rtol=1e-5, atol=1e-6)
+
+
+def _attention_model() -> ir.Model:
+    from tests.passes.test_fuse_attention import attention  # the hand-built encoder layer
+
+    return attention("sdpa", "mul")
+
+
+@pytest.mark.parametrize(
+    ("timings", "op"),
+    [
+        ((1.3, 0.9), "MultiHeadAttention"),
+        ((0.7, 0.9), "Attention"),
+        ((0.95, 0.7), "MultiHeadAttention"),
+        ((1.3, 1.3), None),
+    ],
+)
+def test_attention_takes_the_fastest_form_that_pays(slower, timings, op) -> None:
+    slower["com.microsoft.Attention"], slower["com.microsoft.MultiHeadAttention"] = timings
+    model = _attention_model()
+    pass_ = FuseAttention(Target("cpu", time_kernels=True))
+    candidate, _ = apply_pass(pass_, model)
+    fused = [n.op_type for n in candidate.graph if n.domain == "com.microsoft"]
+    assert fused == ([] if op is None else [op])
+    assert pass_.declined == (op is None)
+    assert [c.fused for c in pass_.target.kernel_checks] == [
+        "com.microsoft.Attention",
+        "com.microsoft.MultiHeadAttention",
+    ]
+    if op is None:  # nothing left behind: no uses by the discarded candidates
+        assert op_list(candidate) == op_list(model.clone())
+        assert all(u.node.graph is not None for v in candidate.graph.inputs for u in v.uses())
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+def _check(verdict: str, ratio: float = 2.0) -> KernelCheck:
+    return KernelCheck(
+        "com.microsoft.SkipLayerNormalization",
+        "Add, LayerNormalization",
+        "1x128x384",
+        ratio,
+        9,
+        verdict,
+    )
+
+
+def test_declined_fusions_are_explained_not_warned() -> None:
+    row = _row("skip_layernorm", 12, 0, "residual LayerNorms", slower=[_check("slower")] * 24)
+    assert isinstance(row, FusionRow)
+    assert (row.shortfall, row.declined, row.unexplained) == (12, 12, 0)
+    assert "12 left out on purpose" in row.note and "2.00x the time" in row.note
+    partly = _row("skip_layernorm", 12, 0, "residual LayerNorms", slower=[_check("slower")] * 5)
+    assert partly.unexplained == 7
+
+
+def test_kernel_timing_rows_count_the_patterns_each_measurement_decided() -> None:
+    rows = kernel_timing_rows([_check("slower")] * 3 + [_check("same", 1.0)])
+    assert [(r["verdict"], r["patterns"]) for r in rows] == [("slower", 3), ("same", 1)]
