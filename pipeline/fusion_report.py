@@ -207,11 +207,7 @@ def _row(
 
 def _declined(target: Target, ops: frozenset[str]) -> list[KernelCheck]:
     """The target's declined measurements whose fused op is one of ``ops``."""
-    return [
-        c
-        for c in target.kernel_checks
-        if c.declined and c.fused.split(".")[-1] in ops
-    ]
+    return [c for c in target.kernel_checks if c.declined and c.fused.split(".")[-1] in ops]
 
 
 def kernel_timing_rows(checks: list[KernelCheck]) -> list[dict]:

@@ -270,9 +270,7 @@ def run(options: RunOptions, report_sink: list[Report], listener: Listener | Non
     report.recipe["verify"]["mode_used"] = mode
     original = model.clone()
     listener.stage("passes")
-    target = Target(
-        recipe.target, recipe.raise_opset_to, time_kernels=recipe.speed.time_kernels
-    )
+    target = Target(recipe.target, recipe.raise_opset_to, time_kernels=recipe.speed.time_kernels)
     manager = VerifiedPassManager(
         recipe.passes,
         verifier,
