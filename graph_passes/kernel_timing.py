@@ -16,7 +16,9 @@ the batch; any other is ``TOKENS``). Both run in ORT CPU sessions at ``ORT_ENABL
 (what users run), interleaved A B / B A, each sample repeated to at least
 ``MIN_SAMPLE_SECONDS``; the evidence is the per-round ratio fused/original. The fused form
 is called slower only when the median ratio is above ``1 + MARGIN`` and three quarters of
-the rounds agree; ties keep the fusion (fewer nodes, same speed). A rewrite that cannot be
+the rounds agree. Near-ties keep the fusion: a kernel a few percent slower costs a fraction
+of a percent of a whole model, while declining on a tie would make the output flip between
+runs with the noise. A rewrite that cannot be
 cut out or run (unknown rank, a subgraph attribute, shape inputs that random data breaks)
 is "unmeasured" and keeps the fusion as before. Results are cached per structure (op types,
 attributes, shapes, small constants), so identical layers cost one measurement.
@@ -40,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 TOKENS = 128  # size given to a symbolic dim that is not a batch (sequence, tokens)
 BATCH = 1
-MARGIN = 0.03  # a fused form within 3% of the original is "same" and kept
+MARGIN = 0.10  # a fused form within 10% of the original is "same" and kept
 MIN_SAMPLE_SECONDS = 0.01
 MIN_ROUNDS = 9
 MAX_ROUNDS = 21
@@ -398,7 +400,7 @@ def _measure(original: _Cut, candidate: _Cut, threads: int):
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # a guessed shape a kernel rejects is not an error
     # Two sessions side by side on few cores: a worker that spins after its run would steal
     # the other session's CPU (seen: ratios swinging 0.65x-1.7x on 2 cores).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")

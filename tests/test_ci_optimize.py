@@ -173,3 +173,15 @@ def test_bad_usage_exits_2(tmp_path, capsys) -> None:
     assert _run(tmp_path / "out", tmp_path / "b.json", "--update-baseline", models="nope") == 2
     assert _run(tmp_path / "out", tmp_path / "b.json", "--inject-broken-pass", "remove_dead") == 2
     assert "remove_dead" in ci.graph_passes.REGISTRY  # a real pass is never unregistered
+
+
+def test_gate_runs_without_kernel_timing_unless_asked() -> None:
+    """Node counts are gated, so they must not depend on this CPU's kernel timings."""
+    from pipeline.recipe import load_recipe
+
+    default = load_recipe("default")
+    assert default.speed.time_kernels
+    (gated,) = ci.gate_recipes([default], time_kernels=False)
+    assert not gated.speed.time_kernels and gated.passes == default.passes
+    assert ci.gate_recipes([default], time_kernels=True)[0].speed.time_kernels
+    assert not ci._parse_args([]).time_kernels and ci._parse_args(["--time-kernels"]).time_kernels

@@ -81,9 +81,9 @@ def test_same_structure_is_measured_once() -> None:
         ([1.0] * 9, "same"),
         ([1.5] * 9, "slower"),
         ([0.5] * 9, "faster"),
-        ([1.02] * 9, "same"),  # within the 3% margin
+        ([1.08] * 9, "same"),  # within the 10% margin: a near-tie keeps the fusion
         ([0.8, 0.9, 0.95, 1.05, 1.06, 1.07, 1.2, 1.3, 1.4], "same"),  # rounds disagree
-        ([1.05, 1.06, 1.04, 1.1, 1.07, 0.99, 1.08, 1.05, 1.2], "slower"),
+        ([1.15, 1.16, 1.14, 1.2, 1.17, 0.99, 1.18, 1.15, 1.3], "slower"),
     ],
 )
 def test_verdict_needs_margin_and_agreement(ratios: list[float], verdict: str) -> None:
@@ -258,7 +258,7 @@ def _attention_model() -> ir.Model:
     [
         ((1.3, 0.9), "MultiHeadAttention"),
         ((0.7, 0.9), "Attention"),
-        ((0.95, 0.7), "MultiHeadAttention"),
+        ((0.85, 0.7), "MultiHeadAttention"),
         ((1.3, 1.3), None),
     ],
 )

@@ -42,6 +42,7 @@ def test_registry_names_match_classes() -> None:
         ('passes = ["remove_dead"]\nmax_iterations = 0', "max_iterations"),
         ('passes = ["remove_dead"]\n[speed]\nrounds = 1', "speed.rounds"),
         ('passes = ["remove_dead"]\n[speed]\ncheck = "yes"', "wrong type"),
+        ('passes = ["remove_dead"]\n[speed]\ntime_kernels = 1', "wrong type"),
         ("passes = [", "not valid TOML"),
     ],
 )
@@ -57,9 +58,13 @@ def test_valid_recipe_file_and_overrides(tmp_path: Path) -> None:
     path.write_text('passes = ["remove_noops", "remove_dead"]\n[verify]\nmode = "end"\n')
     recipe = load_recipe(str(path))
     assert recipe.name == "mine" and recipe.verify.mode == "end"
-    changed = recipe.with_overrides(skip_passes=["remove_noops"], rtol=1e-3, speed_check=False)
+    assert recipe.speed.time_kernels  # on unless the recipe or the CLI says otherwise
+    changed = recipe.with_overrides(
+        skip_passes=["remove_noops"], rtol=1e-3, speed_check=False, time_kernels=False
+    )
     assert changed.passes == ("remove_dead",)
     assert changed.verify.rtol == 1e-3 and changed.speed.check is False
+    assert not changed.speed.time_kernels and recipe.with_overrides().speed == recipe.speed
     with pytest.raises(UserError, match="unknown pass"):
         recipe.with_overrides(skip_passes=["nope"])
     with pytest.raises(UserError, match="unknown recipe"):
