@@ -72,6 +72,9 @@ logger = logging.getLogger(__name__)
 CONTRIB = "com.microsoft"
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 CONTRIB_OPS = ("Attention", "MultiHeadAttention")
+# How much faster (in fused / unfused time) another attention form must measure to be taken
+# over the preferred one.
+PREFERENCE = 0.05
 
 
 class Rejected(Exception):
@@ -283,7 +286,8 @@ class FuseAttention(GraphPass):
 
     def _fastest(self, m: dict, mask, scale: list, builds: list) -> tuple:
         """The candidate to emit: the first when the target is not timed, else the one
-        measured fastest among those not slower than the pattern (``Target.measure_rewrite``).
+        measured fastest among those not slower than the pattern (``Target.measure_rewrite``),
+        the first winning when within ``PREFERENCE`` of the fastest.
 
         Each candidate is built and vetted before the next is built (a built node uses the
         graph's values, and vetting checks those uses). Every candidate is timed against the
@@ -317,7 +321,8 @@ class FuseAttention(GraphPass):
                 break
             checks.append(check)
             ratio = check.ratio if check.ratio is not None else 1.0
-            if not check.declined and ratio < best_ratio:
+            # The preferred (first) form wins near-ties, so the choice does not flip with noise.
+            if not check.declined and ratio < best_ratio - (PREFERENCE if best else 0.0):
                 best, best_ratio = (node, removed, inits), ratio
         _detach([node for node, _, _ in vetted if best is None or node is not best[0]])
         if best is None:

@@ -163,6 +163,7 @@ class FuseSkipLayerNorm(GraphPass):
             [root.outputs[0], s] if need_sum else [root.outputs[0]],
             [probe],
             [probe.outputs[0], probe.outputs[3]] if need_sum else [probe.outputs[0]],
+            self._proven_shapes(replaced, inputs, probe) if self.target.measures else None,
         ):
             self.declined += 1
             return 0
@@ -183,6 +184,20 @@ class FuseSkipLayerNorm(GraphPass):
         model.opset_imports.setdefault(CONTRIB_DOMAIN, 1)
         logger.debug("fused %s %s (sum reused: %s)", op, z_name, need_sum)
         return 1
+
+    def _proven_shapes(self, replaced: list[ir.Node], inputs: list, probe: ir.Node) -> dict:
+        """The dims this pass proved for the rewrite's inputs, by ``id()`` of each value and
+        of its probe copy, so kernel timing cuts them out at the right sizes."""
+        table = self._symbolic_table(self._model.graph)
+        shapes = {}
+        for value in {v for n in replaced for v in n.inputs if v is not None}:
+            dims = ir_dims(value) or table.get(value.name or "")
+            if dims is not None:
+                shapes[id(value)] = dims
+        for value, copy in zip(inputs, probe.inputs, strict=True):
+            if value is not None and id(value) in shapes:
+                shapes[id(copy)] = shapes[id(value)]
+        return shapes
 
     def residual_operands(self, add: ir.Node, s: ir.Value, gamma, beta, model: ir.Model):
         """``(input, skip, bias, extra_nodes)`` for the Add, or None when ORT would refuse.

@@ -31,7 +31,7 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -97,20 +97,23 @@ def check_rewrite(
     opsets: dict[str, int],
     *,
     threads: int = 0,
+    shapes: Mapping[int, tuple] | None = None,
 ) -> KernelCheck:
     """Time ``after`` (the fused nodes) against ``before`` (the nodes they replace).
 
     The output lists say which values each side must produce (same order). ``after`` may
     be detached nodes whose inputs are copies (``probe_node``); constants are recognised by
     ``const_value``. ``threads``: ORT intra-op threads (0: ORT's default, as users run).
+    ``shapes``: dims a pass has proven beyond ONNX's inference (e.g. with ORT's symbolic
+    inference), by ``id()`` of the value or of its probe copy.
     """
     fused = ", ".join(_op_name(n) for n in after if n not in before)
     replaced = ", ".join(sorted({n.op_type for n in before if n not in after}))
     before, after = _with_shape_sources(before), _with_shape_sources(after)
     outcome: tuple = (None, 0, "")
     for broadcast_ones in (False, True):
-        original = _cut(before, before_outputs, opsets, broadcast_ones)
-        candidate = _cut(after, after_outputs, opsets, broadcast_ones)
+        original = _cut(before, before_outputs, opsets, broadcast_ones, shapes or {})
+        candidate = _cut(after, after_outputs, opsets, broadcast_ones, shapes or {})
         for side in (original, candidate):
             if isinstance(side, str):
                 return KernelCheck(fused, replaced, "", None, 0, "unmeasured", side)
@@ -145,6 +148,7 @@ def _cut(
     outputs: Sequence[ir.Value],
     opsets: dict[str, int],
     broadcast_ones: bool,
+    shapes: Mapping[int, tuple],
 ):
     """The nodes as a standalone model (a ``_Cut``), or a string saying why not.
 
@@ -153,9 +157,11 @@ def _cut(
     retry when the first cannot run: an attention's ``[B, 1, S, S]`` mask bias is four
     anonymous dims after a computed ``Expand``, and 1 always broadcasts. It is not the
     first try because a value feeding only elementwise ops on one side (GELU's Div/Mul)
-    may feed a fused op on the other, and both sides must see the same sizes.
+    may feed a fused op on the other, and both sides must see the same sizes. Before either,
+    an anonymous dim takes the size another input of the same rank has on that axis (a
+    residual Add's two operands, a SkipLayerNorm's input and skip).
     """
-    builder = _CutBuilder(_topological(nodes), broadcast_ones)
+    builder = _CutBuilder(_topological(nodes), broadcast_ones, shapes)
     try:
         for node in builder.nodes:
             builder.add(node)
@@ -185,9 +191,12 @@ class _Uncuttable(Exception):
 class _CutBuilder:
     """Collects the protos, inputs, initializers, feeds and signature of a cut."""
 
-    def __init__(self, nodes: list[ir.Node], broadcast_ones: bool) -> None:
+    def __init__(
+        self, nodes: list[ir.Node], broadcast_ones: bool, shapes: Mapping[int, tuple]
+    ) -> None:
         self.nodes = nodes
         self.broadcast_ones = broadcast_ones
+        self.shapes = shapes
         self.produced = {id(o) for n in nodes for o in n.outputs}
         self.names: dict[int, str] = {}
         self.symbols: dict[str, int] = {}
@@ -198,6 +207,45 @@ class _CutBuilder:
         self.feeds: list[tuple[str, np.ndarray]] = []
         self.signature: list[str] = []
         self.shape, self.largest = "", -1  # the largest generated input, for the report
+        self.axis_hints = self._axis_hints()
+
+    def dims(self, value: ir.Value) -> tuple | None:
+        """ONNX's dims, anonymous ones filled from the pass's proven shapes."""
+        own, proven = _dims(value), self.shapes.get(id(value))
+        if proven is None or (own is not None and len(own) != len(proven)):
+            return own
+        if own is None:
+            return tuple(_symbol(d) if not isinstance(d, int) else d for d in proven)
+        return tuple(
+            a if a is not None else (b if isinstance(b, int) else _symbol(b))
+            for a, b in zip(own, proven, strict=True)
+        )
+
+    def _hinted(self, dim: int | str | None, key: tuple[int, int]) -> int | str | None:
+        """An anonymous dim takes the hint; a symbol takes a static hint (and keeps it)."""
+        hint = self.axis_hints.get(key)
+        if dim is None:
+            return hint
+        if isinstance(dim, str) and isinstance(hint, int):
+            return self.symbols.setdefault(dim, hint)
+        return dim
+
+    def _axis_hints(self) -> dict[tuple[int, int], int | str]:
+        """(rank, axis) -> the first known size among the cut's inputs, constants included
+        (ints before symbols): ViT's class-token Concat is ``[?, ?, 768]`` but the position
+        embedding it is added to is ``[1, 197, 768]``."""
+        hints: dict[tuple[int, int], int | str] = {}
+        for node in self.nodes:
+            for value in node.inputs:
+                if value is None or id(value) in self.produced:
+                    continue
+                tensor = _constant(value)
+                dims = tuple(tensor.shape) if tensor is not None else self.dims(value) or ()
+                for axis, dim in enumerate(dims):
+                    key = (len(dims), axis)
+                    if dim is not None and not isinstance(hints.get(key), int):
+                        hints[key] = dim
+        return hints
 
     def name(self, value: ir.Value) -> str:
         return self.names.setdefault(id(value), f"v{len(self.names)}")
@@ -235,7 +283,10 @@ class _CutBuilder:
             return name
         ones = self.broadcast_ones and _broadcast_only(value, self.nodes)
         anonymous = 1 if ones else TOKENS
-        shape = _concrete(_dims(value), self.symbols, value.name, anonymous)
+        dims = self.dims(value)
+        if dims is not None:
+            dims = tuple(self._hinted(d, (len(dims), axis)) for axis, d in enumerate(dims))
+        shape = _concrete(dims, self.symbols, value.name, anonymous)
         data = _random(value.dtype, shape, self.rng)
         if data is None:
             raise _Uncuttable(f"input of type {value.dtype} cannot be generated")

@@ -18,6 +18,10 @@ op, input types the schema rejects) means the op is not used. Results are cached
 model. The verifier runs on CPU, so a ``cuda`` target
 also needs the CPU kernel, plus the op in ``CUDA_CONTRIB_OPS`` (ORT's CUDA contrib kernel
 list for the ops our fusions emit; it cannot be probed without a GPU).
+
+Having a kernel is not the same as the kernel being faster: with ``time_kernels`` a ``cpu``
+target also times each rewrite against the nodes it replaces (``rewrite_pays``,
+graph_passes/kernel_timing.py) and the fusion is left out where it is slower.
 """
 
 from __future__ import annotations
@@ -123,12 +127,13 @@ class Target:
         before_outputs: Sequence[ir.Value],
         after: Sequence[ir.Node],
         after_outputs: Sequence[ir.Value],
+        shapes=None,
     ) -> bool:
         """Whether to apply a rewrite of ``before`` into ``after`` (the fused nodes).
 
         False only when the target is measured and the fused nodes are slower beyond noise.
         """
-        check = self.measure_rewrite(before, before_outputs, after, after_outputs)
+        check = self.measure_rewrite(before, before_outputs, after, after_outputs, shapes)
         return check is None or not check.declined
 
     def measure_rewrite(
@@ -137,11 +142,13 @@ class Target:
         before_outputs: Sequence[ir.Value],
         after: Sequence[ir.Node],
         after_outputs: Sequence[ir.Value],
+        shapes=None,
     ):  # -> KernelCheck | None
         """Time ``after`` against ``before`` on this target (``graph_passes/kernel_timing``).
 
         None when this target is not measured (``time_kernels`` off, or not ``cpu``: only
         the local CPU can be timed here). Each measurement is kept in ``kernel_checks``.
+        ``shapes``: proven dims by ``id()`` of a value (``kernel_timing.check_rewrite``).
         """
         if not self.measures or not before:
             return None
@@ -152,7 +159,7 @@ class Target:
         for node in after:
             opsets.setdefault(node.domain, 1)
         opsets.setdefault("", 17)
-        check = check_rewrite(before, before_outputs, after, after_outputs, opsets)
+        check = check_rewrite(before, before_outputs, after, after_outputs, opsets, shapes=shapes)
         self.kernel_checks.append(check)
         logger.info("kernel timing: %s", check.describe())
         return check

@@ -153,6 +153,39 @@ def test_mask_bias_with_anonymous_dims_is_measured() -> None:
     assert check.ratio is not None, check.reason
 
 
+def test_anonymous_dims_take_the_size_of_another_input_on_that_axis() -> None:
+    """ViT's embedding sum: a [?, ?, 8] Concat output plus a [1, 5, 8] position table. Both
+    sides must be cut at 5 tokens (SkipLayerNorm rejects a skip of another length)."""
+    model, nodes = _chain(
+        """<ir_version: 9, opset_import: ["" : 17]>
+        g (float[a, b, 8] x) => (float[a, b, 8] y) <float[1, 5, 8] pos = {"""
+        + ", ".join(["0.5"] * 40)
+        + """}> {
+          y = Add(x, pos)
+        }"""
+    )
+    nodes[0].inputs[0].shape = ir.Shape([ir.SymbolicDim("unk__1"), ir.SymbolicDim("unk__2"), 8])
+    out = nodes[0].outputs[0]
+    check = check_rewrite(nodes, [out], nodes, [out], OPSETS)
+    assert check.ratio is not None and check.shape == "1x5x8", check
+
+
+def test_dims_proven_by_the_pass_are_used() -> None:
+    """A value ONNX inference knows nothing about (behind a contrib op) gets the dims the
+    pass proved, by id of the value."""
+    _, nodes = _chain(
+        """<ir_version: 9, opset_import: ["" : 17]>
+        g (float x, float[N, S, 8] s) => (float[N, S, 8] y) { y = Add(x, s) }"""
+    )
+    x = nodes[0].inputs[0]
+    x.shape = None
+    out = nodes[0].outputs[0]
+    assert check_rewrite(nodes, [out], nodes, [out], OPSETS).verdict == "unmeasured"
+    proven = {id(x): ("N", "S", 8)}
+    check = check_rewrite(nodes, [out], nodes, [out], OPSETS, shapes=proven)
+    assert check.ratio is not None and check.shape == "1x128x8", check
+
+
 def test_target_measures_only_a_timed_cpu_target() -> None:
     heavy, heavy_out, light, light_out = _heavy_and_light(width=64)
     for target in (Target("cpu"), Target("cuda", time_kernels=True)):
