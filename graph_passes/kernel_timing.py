@@ -18,15 +18,15 @@ the batch; any other is ``TOKENS``). Both run in ORT CPU sessions at ``ORT_ENABL
 is called slower only when the median ratio is above ``1 + MARGIN`` and three quarters of
 the rounds agree. Near-ties keep the fusion: a kernel a few percent slower costs a fraction
 of a percent of a whole model, while declining on a tie would make the output flip between
-runs with the noise. A rewrite that cannot be
-cut out or run (unknown rank, a subgraph attribute, shape inputs that random data breaks)
-is "unmeasured" and keeps the fusion as before. Results are cached per structure (op types,
-attributes, shapes, small constants), so identical layers cost one measurement.
+runs with the noise. A rewrite that cannot be cut out or run (unknown rank, a subgraph
+attribute, shape inputs that random data breaks) is "unmeasured" and keeps the fusion as
+before. Verdicts are kept per structure (op types, attributes, shapes, small constants) in
+this machine's timing store (``timing_store``): identical layers cost one measurement, and
+optimizing the same model again reuses the verdicts, so it writes the same file.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import statistics
@@ -38,10 +38,13 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from graph_passes import timing_store
+
 logger = logging.getLogger(__name__)
 
 TOKENS = 128  # size given to a symbolic dim that is not a batch (sequence, tokens)
 BATCH = 1
+MAX_INPUT_ELEMENTS = 2**24  # 64 MB of float: far above any activation at 1 x TOKENS
 MARGIN = 0.10  # a fused form within 10% of the original is "same" and kept
 MIN_SAMPLE_SECONDS = 0.01
 MIN_ROUNDS = 9
@@ -74,6 +77,7 @@ class KernelCheck:
     rounds: int
     verdict: str  # faster | same | slower | unmeasured
     reason: str = ""  # why unmeasured
+    stored: bool = False  # the verdict came from this machine's timing store, not measured now
 
     @property
     def declined(self) -> bool:
@@ -83,9 +87,10 @@ class KernelCheck:
     def describe(self) -> str:
         if self.ratio is None:
             return f"{self.fused} vs {self.replaced}: unmeasured ({self.reason})"
+        source = ", from the timing store" if self.stored else ""
         return (
             f"{self.fused} vs {self.replaced} at {self.shape}: {self.ratio:.2f}x the time "
-            f"({self.verdict}, {self.rounds} rounds)"
+            f"({self.verdict}, {self.rounds} rounds{source})"
         )
 
 
@@ -111,19 +116,20 @@ def check_rewrite(
     replaced = ", ".join(sorted({n.op_type for n in before if n not in after}))
     before, after = _with_shape_sources(before), _with_shape_sources(after)
     outcome: tuple = (None, 0, "")
+    stored = False
     for broadcast_ones in (False, True):
         original = _cut(before, before_outputs, opsets, broadcast_ones, shapes or {})
         candidate = _cut(after, after_outputs, opsets, broadcast_ones, shapes or {})
         for side in (original, candidate):
             if isinstance(side, str):
                 return KernelCheck(fused, replaced, "", None, 0, "unmeasured", side)
-        outcome = _measure(original, candidate, threads)
+        outcome, stored = _remembered(original, candidate, threads)
         if outcome[0] is not None:
             break
     ratio, rounds, verdict = outcome
     if ratio is None:
         return KernelCheck(fused, replaced, candidate.shape, None, 0, "unmeasured", verdict)
-    return KernelCheck(fused, replaced, candidate.shape, ratio, rounds, verdict)
+    return KernelCheck(fused, replaced, candidate.shape, ratio, rounds, verdict, stored=stored)
 
 
 def _op_name(node: ir.Node) -> str:
@@ -221,31 +227,47 @@ class _CutBuilder:
             for a, b in zip(own, proven, strict=True)
         )
 
-    def _hinted(self, dim: int | str | None, key: tuple[int, int]) -> int | str | None:
-        """An anonymous dim takes the hint; a symbol takes a static hint (and keeps it)."""
-        hint = self.axis_hints.get(key)
-        if dim is None:
-            return hint
-        if isinstance(dim, str) and isinstance(hint, int):
-            return self.symbols.setdefault(dim, hint)
-        return dim
+    def _hinted(self, value: ir.Value, dims: tuple) -> tuple:
+        """Anonymous dims take the hint; a symbol takes a static hint (and keeps it)."""
+        hints = self.axis_hints.get(id(value), {})
+        hinted = []
+        for axis, dim in enumerate(dims):
+            hint = hints.get(axis)
+            if dim is None:
+                dim = hint
+            elif isinstance(dim, str) and isinstance(hint, int):
+                dim = self.symbols.setdefault(dim, hint)
+            hinted.append(dim)
+        return tuple(hinted)
 
-    def _axis_hints(self) -> dict[tuple[int, int], int | str]:
-        """(rank, axis) -> the first known size among the cut's inputs, constants included
-        (ints before symbols): ViT's class-token Concat is ``[?, ?, 768]`` but the position
-        embedding it is added to is ``[1, 197, 768]``."""
-        hints: dict[tuple[int, int], int | str] = {}
+    def _axis_hints(self) -> dict[int, dict[int, int | str]]:
+        """id(input) -> {axis: the size another input of the same node and rank has there}
+        (constants included, ints before symbols, broadcast 1s ignored), for nodes whose
+        inputs line up axis by axis (``ALIGNED_OPS``): ViT's class-token Concat is
+        ``[?, ?, 768]`` but the position embedding it is added to is ``[1, 197, 768]``.
+        Only a node's own operands count: an unrelated weight of the same rank elsewhere in
+        the cut says nothing about this input (taking it once made a 384 x 1152 packed
+        weight set the batch to 384 and the sequence to 1152)."""
+        hints: dict[int, dict[int, int | str]] = {}
         for node in self.nodes:
-            for value in node.inputs:
-                if value is None or id(value) in self.produced:
+            if node.op_type not in ALIGNED_OPS:
+                continue
+            operands = [(v, self._known_dims(v)) for v in node.inputs if v is not None]
+            for value, dims in operands:
+                if id(value) in self.produced or dims is None:
                     continue
-                tensor = _constant(value)
-                dims = tuple(tensor.shape) if tensor is not None else self.dims(value) or ()
-                for axis, dim in enumerate(dims):
-                    key = (len(dims), axis)
-                    if dim is not None and not isinstance(hints.get(key), int):
-                        hints[key] = dim
+                own = hints.setdefault(id(value), {})
+                for other, other_dims in operands:
+                    if other is value or other_dims is None or len(other_dims) != len(dims):
+                        continue
+                    for axis, dim in enumerate(other_dims):
+                        if dim is not None and dim != 1 and not isinstance(own.get(axis), int):
+                            own[axis] = dim
         return hints
+
+    def _known_dims(self, value: ir.Value) -> tuple | None:
+        tensor = _constant(value)
+        return tuple(tensor.shape) if tensor is not None else self.dims(value)
 
     def name(self, value: ir.Value) -> str:
         return self.names.setdefault(id(value), f"v{len(self.names)}")
@@ -285,11 +307,13 @@ class _CutBuilder:
         anonymous = 1 if ones else TOKENS
         dims = self.dims(value)
         if dims is not None:
-            dims = tuple(self._hinted(d, (len(dims), axis)) for axis, d in enumerate(dims))
+            dims = self._hinted(value, dims)
         shape = _concrete(dims, self.symbols, value.name, anonymous)
         data = _random(value.dtype, shape, self.rng)
         if data is None:
             raise _Uncuttable(f"input of type {value.dtype} cannot be generated")
+        if math.prod(shape) > MAX_INPUT_ELEMENTS:
+            raise _Uncuttable(f"a generated input of {shape} is too large to time")
         if math.prod(shape) > self.largest:
             self.largest, self.shape = math.prod(shape), "x".join(map(str, shape))
         self.inputs.append(onnx.helper.make_tensor_value_info(name, int(value.dtype), shape))
@@ -323,6 +347,8 @@ SHAPE_OPS = frozenset(
 )
 INTEGER_TYPES = (ir.DataType.INT64, ir.DataType.INT32)
 BROADCASTING_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Max", "Min"})
+# ops whose (same-rank) inputs have equal sizes axis by axis, up to broadcast 1s
+ALIGNED_OPS = BROADCASTING_OPS | {"SkipLayerNormalization", "SkipSimplifiedLayerNormalization"}
 MAX_SHAPE_NODES = 64
 
 
@@ -443,9 +469,25 @@ def _random(dtype: ir.DataType | None, shape: list[int], rng: np.random.Generato
     return None
 
 
-@functools.lru_cache(maxsize=256)
+def _remembered(original: _Cut, candidate: _Cut, threads: int) -> tuple[tuple, bool]:
+    """(``_measure``'s answer, whether it came from the store): this machine's timing store
+    answers when it holds the same structures (``timing_store``: the same model optimized
+    twice gets the same verdicts). Only measured verdicts are kept; an unmeasured cut is
+    tried again next time."""
+    store = timing_store.open_store()
+    entry_key = timing_store.key(original.signature, candidate.signature, threads)
+    known = store.get(entry_key)
+    if known is not None:
+        return known, entry_key not in store.measured_here
+    outcome = _measure(original, candidate, threads)
+    if outcome[0] is None:
+        return outcome, False
+    kept = store.remember(entry_key, outcome)
+    return kept, kept != outcome
+
+
 def _measure(original: _Cut, candidate: _Cut, threads: int):
-    """(median ratio, rounds, verdict) or (None, 0, reason). Cached per structure."""
+    """(median ratio, rounds, verdict) or (None, 0, reason)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()

@@ -84,6 +84,9 @@ class Target:
     # Every measurement this target made, in order, for the report (shared by the passes
     # of one run; not part of the target's identity).
     kernel_checks: list = field(default_factory=list, compare=False, hash=False, repr=False)
+    # the matched patterns (names of the replaced nodes) already in ``kernel_checks``: a
+    # pattern declined in one fixed-point iteration is matched again in the next
+    _checked: set = field(default_factory=set, compare=False, hash=False, repr=False)
 
     KINDS: ClassVar[tuple[str, ...]] = TARGETS
 
@@ -160,8 +163,11 @@ class Target:
             opsets.setdefault(node.domain, 1)
         opsets.setdefault("", 17)
         check = check_rewrite(before, before_outputs, after, after_outputs, opsets, shapes=shapes)
-        self.kernel_checks.append(check)
-        logger.info("kernel timing: %s", check.describe())
+        pattern = (check.fused, tuple(node.name for node in before))
+        if pattern not in self._checked:
+            self._checked.add(pattern)
+            self.kernel_checks.append(check)
+            logger.info("kernel timing: %s", check.describe())
         return check
 
 

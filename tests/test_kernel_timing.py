@@ -9,11 +9,13 @@ decision logic exactly.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
 import pytest
 
-from graph_passes import kernel_timing
+from graph_passes import kernel_timing, timing_store
 from graph_passes.base import infer_shapes
 from graph_passes.fuse_attention import FuseAttention
 from graph_passes.fuse_bias_gelu import FuseBiasGelu
@@ -66,13 +68,69 @@ def test_a_much_lighter_fused_form_is_kept() -> None:
     assert check.verdict == "faster" and not check.declined and check.ratio < 0.5
 
 
-def test_same_structure_is_measured_once() -> None:
-    kernel_timing._measure.cache_clear()
-    for _ in range(2):  # fresh weights each time: the cache key is the structure
+@pytest.fixture
+def measured(monkeypatch, tmp_path) -> list:
+    """An empty timing store of its own; each real ``_measure`` call is listed."""
+    monkeypatch.setenv("OVO_CACHE_DIR", str(tmp_path))
+    calls: list = []
+    real = kernel_timing._measure
+
+    def counting(original, candidate, threads):
+        calls.append(candidate.signature)
+        return real(original, candidate, threads)
+
+    monkeypatch.setattr(kernel_timing, "_measure", counting)
+    return calls
+
+
+def test_same_structure_is_measured_once(measured) -> None:
+    checks = []
+    for _ in range(2):  # fresh weights each time: the key is the structure
         heavy, heavy_out, light, light_out = _heavy_and_light(width=64)
-        check_rewrite(light, [light_out], heavy, [heavy_out], OPSETS)
-    info = kernel_timing._measure.cache_info()
-    assert (info.misses, info.hits) == (1, 1)
+        checks.append(check_rewrite(light, [light_out], heavy, [heavy_out], OPSETS))
+    assert len(measured) == 1
+    assert not any(c.stored for c in checks), "measured in this run, not from an earlier one"
+
+
+def test_a_later_run_reuses_the_stored_verdict(measured) -> None:
+    """A new process (a fresh store object) on the same machine answers from the file."""
+    heavy, heavy_out, light, light_out = _heavy_and_light(width=64)
+    first = check_rewrite(light, [light_out], heavy, [heavy_out], OPSETS)
+    timing_store._stores.clear()
+    again = check_rewrite(light, [light_out], heavy, [heavy_out], OPSETS)
+    assert len(measured) == 1 and first.verdict == "slower"
+    assert again == dataclasses.replace(first, stored=True) and not first.stored
+    assert len(list(timing_store.store_path().parent.glob("*.json"))) == 1
+
+
+def test_the_first_stored_verdict_wins(tmp_path) -> None:
+    """Two runs that measured the same structure at once both use the first one stored."""
+    path = tmp_path / "t.json"
+    one, other = timing_store.TimingStore(path), timing_store.TimingStore(path)
+    assert one.remember("k", (1.2, 9, "slower")) == (1.2, 9, "slower")
+    assert other.remember("k", (1.05, 9, "same")) == (1.2, 9, "slower")
+    assert timing_store.TimingStore(path).get("k") == (1.2, 9, "slower")
+
+
+def test_a_broken_or_unwritable_store_is_ignored(tmp_path, caplog) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    store = timing_store.TimingStore(broken)
+    assert store.get("k") is None
+    assert store.remember("k", (0.9, 9, "same")) == (0.9, 9, "same")  # rewritten whole
+    assert timing_store.TimingStore(broken).get("k") == (0.9, 9, "same")
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    store = timing_store.TimingStore(blocked / "kernel_timing" / "t.json")
+    assert store.remember("k", (0.9, 9, "same")) == (0.9, 9, "same")
+    assert "not written" in caplog.text
+
+
+def test_the_store_is_per_machine_identity(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("OVO_CACHE_DIR", str(tmp_path))
+    here = timing_store.store_path()
+    monkeypatch.setattr(timing_store, "_cpu_model", lambda: "another CPU")
+    assert timing_store.store_path() != here and here.parent == tmp_path / "kernel_timing"
 
 
 @pytest.mark.parametrize(
@@ -170,6 +228,36 @@ def test_anonymous_dims_take_the_size_of_another_input_on_that_axis() -> None:
     assert check.ratio is not None and check.shape == "1x5x8", check
 
 
+def test_an_unrelated_weight_does_not_size_the_inputs() -> None:
+    """Regression: hints were taken by (rank, axis) from any input of the cut, so a packed
+    attention's 384 x 1152 weight made the rank-2 mask's batch 384 and sequence 1152, and
+    the cut's inputs (and ORT's memory on MiniLM's dynamo export) grew 1000-fold."""
+    model, nodes = _chain(
+        """<ir_version: 9, opset_import: ["" : 17]>
+        g (float[batch, sequence] m, float[batch, sequence, 8] x)
+            => (float[batch, sequence] r, float[batch, sequence, 24] y) {
+          r = Relu(m)
+          y = MatMul(x, w)
+        }"""
+    )
+    weight = ir.Value(name="w", const_value=ir.tensor(np.ones((8, 24), "f")))
+    model.graph.register_initializer(weight)
+    nodes[1].replace_input_with(1, weight)
+    outs = [nodes[0].outputs[0], nodes[1].outputs[0]]
+    check = check_rewrite(nodes, outs, nodes, outs, OPSETS)
+    assert check.ratio is not None and check.shape == "1x128x8", check
+
+
+def test_an_input_too_large_to_time_is_unmeasured() -> None:
+    _, nodes = _chain(
+        """<ir_version: 9, opset_import: ["" : 17]>
+        g (float[N, 4096, 8192] x) => (float[N, 4096, 8192] y) { y = Relu(x) }"""
+    )
+    out = nodes[0].outputs[0]
+    check = check_rewrite(nodes, [out], nodes, [out], OPSETS)
+    assert check.verdict == "unmeasured" and "too large" in check.reason, check
+
+
 def test_dims_proven_by_the_pass_are_used() -> None:
     """A value ONNX inference knows nothing about (behind a contrib op) gets the dims the
     pass proved, by id of the value."""
@@ -201,9 +289,11 @@ def test_target_measures_only_a_timed_cpu_target() -> None:
 
 
 @pytest.fixture
-def slower(monkeypatch):
+def slower(monkeypatch, tmp_path):
     """Fake timings: ``slower[op] = ratio`` for the fused op named as the report names it
-    ("com.microsoft.Gelu" and the standard "Gelu" are different); anything else 0.8."""
+    ("com.microsoft.Gelu" and the standard "Gelu" are different); anything else 0.8. The
+    timing store is an empty one of the test's own."""
+    monkeypatch.setenv("OVO_CACHE_DIR", str(tmp_path))
     ratios: dict[str, float] = {}
 
     def fake(original, candidate, threads):
@@ -232,6 +322,8 @@ def test_skip_layer_norm_measured_slower_is_left_unfused(slower) -> None:
     assert not result.modified and (pass_.matches, pass_.declined) == (0, 1)
     assert op_list(candidate) == ["Add", "LayerNormalization"]
     assert pass_.target.kernel_checks[0].replaced == "Add, LayerNormalization"
+    apply_pass(pass_, candidate)  # the next fixed-point iteration matches it again
+    assert pass_.declined == 1 and len(pass_.target.kernel_checks) == 1, "reported once"
 
 
 def test_skip_layer_norm_measured_same_is_fused(slower) -> None:
