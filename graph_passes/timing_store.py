@@ -39,25 +39,35 @@ Verdict = tuple[float, int, str]  # (median ratio, rounds, verdict), as kernel_t
 
 
 def machine_identity() -> dict[str, str]:
-    """What a kernel timing depends on besides the model."""
+    """What a kernel timing depends on besides the model. The CPU is its model name and a
+    digest of its feature flags: this project's machines all call themselves "AMD EPYC",
+    some with AVX-512 VNNI and some without, and their verdicts differ (contrib Gelu: 0.97x
+    the erf form's time on one, 1.18x on the other)."""
     import onnxruntime
 
+    model, flags = _cpu_info()
     return {
-        "cpu": _cpu_model(),
+        "cpu": model,
+        "cpu_flags": hashlib.sha256(flags.encode()).hexdigest()[:12],
         "logical_cores": str(os.cpu_count()),
         "onnxruntime": onnxruntime.__version__,
         "format": str(FORMAT),
     }
 
 
-def _cpu_model() -> str:
+def _cpu_info() -> tuple[str, str]:
+    """(model name, feature flags) from /proc/cpuinfo; elsewhere what ``platform`` says."""
+    found: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            name, _, value = line.partition(":")
+            name = name.strip()
+            if name in ("model name", "flags", "Features") and name not in found:
+                found[name] = value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    model = found.get("model name") or platform.processor() or platform.machine()
+    return model, found.get("flags") or found.get("Features", "")
 
 
 def store_path() -> Path:

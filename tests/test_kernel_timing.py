@@ -129,7 +129,10 @@ def test_a_broken_or_unwritable_store_is_ignored(tmp_path, caplog) -> None:
 def test_the_store_is_per_machine_identity(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("OVO_CACHE_DIR", str(tmp_path))
     here = timing_store.store_path()
-    monkeypatch.setattr(timing_store, "_cpu_model", lambda: "another CPU")
+    model, flags = timing_store._cpu_info()
+    monkeypatch.setattr(timing_store, "_cpu_info", lambda: (model, flags + " avx512_vnni"))
+    assert timing_store.store_path() != here, "same model name, other features: another file"
+    monkeypatch.setattr(timing_store, "_cpu_info", lambda: ("another CPU", flags))
     assert timing_store.store_path() != here and here.parent == tmp_path / "kernel_timing"
 
 
