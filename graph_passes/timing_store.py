@@ -18,13 +18,16 @@ then measured as before.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
 import platform
-import tempfile
 from pathlib import Path
+
+from pipeline.atomic_write import write_text_atomic
+from pipeline.providers import default_cache_root
 
 try:
     import fcntl
@@ -55,6 +58,7 @@ def machine_identity() -> dict[str, str]:
     }
 
 
+@functools.cache  # read once: every kernel timing asks for the store's path
 def _cpu_info() -> tuple[str, str]:
     """(model name, feature flags) from /proc/cpuinfo; elsewhere what ``platform`` says."""
     found: dict[str, str] = {}
@@ -73,8 +77,7 @@ def _cpu_info() -> tuple[str, str]:
 def store_path() -> Path:
     identity = json.dumps(machine_identity(), sort_keys=True)
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
-    root = os.environ.get("OVO_CACHE_DIR") or Path.home() / ".cache" / "onnx-verified-optimizer"
-    return Path(root) / "kernel_timing" / f"{digest}.json"
+    return default_cache_root() / "kernel_timing" / f"{digest}.json"
 
 
 def key(original_signature: str, candidate_signature: str, threads: int) -> str:
@@ -108,10 +111,8 @@ class TimingStore:
                 self.entries = self.entries | self._read()  # on disk first: it was first
                 self.entries.setdefault(entry_key, list(verdict))
                 document = {"machine": machine_identity(), "verdicts": self.entries}
-                fd, tmp = tempfile.mkstemp(prefix=".tmp-timing-", dir=self.path.parent)
-                with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                    json.dump(document, handle, indent=0, sort_keys=True)
-                os.replace(tmp, self.path)
+                text = json.dumps(document, indent=0, sort_keys=True)
+                write_text_atomic(self.path, text, prefix=".tmp-timing-")
         except OSError as exc:
             logger.warning("kernel timing cache %s not written: %s", self.path, exc)
             self.entries.setdefault(entry_key, list(verdict))

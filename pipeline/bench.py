@@ -639,13 +639,10 @@ def _measure_case(config: BenchConfig, workers: list[Worker], key: str, batch: i
 
 def write_json(result: dict, path: Path) -> None:
     """Write the result atomically (temp file + rename), like report.json."""
+    from pipeline.atomic_write import write_text_atomic
     from pipeline.compare import to_jsonable
 
-    folder = path.parent if str(path.parent) else Path(".")
-    tmp = folder / f".tmp-bench-{os.getpid()}.json"
     try:
-        tmp.write_text(json.dumps(to_jsonable(result), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(to_jsonable(result), indent=2) + "\n", ".tmp-bench-")
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc

@@ -9,9 +9,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
 import platform
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import onnx_ir as ir
 import onnxruntime
 
 import pipeline
+from pipeline.atomic_write import write_text_atomic
 from pipeline.compare import to_jsonable
 from pipeline.errors import UserError
 from pipeline.load import file_sha256, referenced_data_files, tensor_bytes
@@ -128,11 +127,7 @@ class Report:
 def write_report(report: Report, path: Path) -> None:
     """Write report.json atomically (temp file in the same folder + rename)."""
     text = json.dumps(report.to_dict(), indent=2, sort_keys=False) + "\n"
-    folder = path.parent if str(path.parent) else Path(".")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-report-", dir=folder)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
+        write_text_atomic(path, text, prefix=".tmp-report-")
     except OSError as exc:
         raise UserError(f"cannot write report {path}: {exc.strerror or exc}") from exc

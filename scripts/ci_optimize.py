@@ -55,7 +55,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -68,6 +67,7 @@ import numpy as np  # noqa: E402
 import graph_passes  # noqa: E402
 from graph_passes.base import GraphPass  # noqa: E402
 from graph_passes.testing import AddToSub  # noqa: E402
+from pipeline.atomic_write import write_text_atomic  # noqa: E402
 from pipeline.errors import UserError, VerificationFailed  # noqa: E402
 from pipeline.recipe import Recipe, load_recipe  # noqa: E402
 from pipeline.report import Report, versions, write_report  # noqa: E402
@@ -455,15 +455,7 @@ def load_baseline(path: Path) -> dict:
 def _write_json(path: Path, data: dict) -> None:
     """Atomic write: temp file in the same folder, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------

@@ -168,11 +168,11 @@ def optimize_kind(folder: Path, name: str) -> KindRun:
     outputs = {k: folder / f"{name}.{k}.onnx" for k in ("first", "second", "again")}
     first = run_cli(source, outputs["first"], *extra)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        second = pool.submit(run_cli, source, outputs["second"], *extra)
+        pending_second = pool.submit(run_cli, source, outputs["second"], *extra)
         again = None
         if first.returncode == 0:
             again = run_cli(outputs["first"], outputs["again"], "--no-speed-check")
-        second = second.result()
+        second = pending_second.result()
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
     return KindRun(source, before, first, second, again, outputs, peak)
 
