@@ -84,7 +84,8 @@ class Target:
     # Every measurement this target made, in order, for the report (shared by the passes
     # of one run; not part of the target's identity).
     kernel_checks: list = field(default_factory=list, compare=False, hash=False, repr=False)
-    # the matched patterns (names of the replaced nodes) already in ``kernel_checks``: a
+    # the matched patterns already in ``kernel_checks``, by the names of the values the
+    # replaced nodes compute (unique in a graph, kept by copies; node names may be empty): a
     # pattern declined in one fixed-point iteration is matched again in the next
     _checked: set = field(default_factory=set, compare=False, hash=False, repr=False)
 
@@ -163,7 +164,7 @@ class Target:
             opsets.setdefault(node.domain, 1)
         opsets.setdefault("", 17)
         check = check_rewrite(before, before_outputs, after, after_outputs, opsets, shapes=shapes)
-        pattern = (check.fused, tuple(node.name for node in before))
+        pattern = (check.fused, tuple(v.name for node in before for v in node.outputs))
         if pattern not in self._checked:
             self._checked.add(pattern)
             self.kernel_checks.append(check)

@@ -329,6 +329,26 @@ def test_skip_layer_norm_measured_slower_is_left_unfused(slower) -> None:
     assert pass_.declined == 1 and len(pass_.target.kernel_checks) == 1, "reported once"
 
 
+def test_each_declined_pattern_is_reported_even_with_unnamed_nodes(slower) -> None:
+    """Two residual LayerNorms whose nodes have no names are two patterns in the report."""
+    slower["com.microsoft.SkipLayerNormalization"] = 2.5
+    model = model_from_text(
+        """<ir_version: 9, opset_import: ["" : 17]>
+        g (float[N, S, 4] a, float[N, S, 4] b) => (float[N, S, 4] z2)
+        <float[4] gamma = {0.5, -1.0, 2.0, 1.5}, float[4] beta = {0.1, 0.2, -0.3, 0.0}> {
+          s1 = Add(a, b)
+          z1 = LayerNormalization<axis=-1, epsilon=0.001>(s1, gamma, beta)
+          s2 = Add(z1, b)
+          z2 = LayerNormalization<axis=-1, epsilon=0.001>(s2, gamma, beta)
+        }"""
+    )
+    assert not any(node.name for node in model.graph)
+    pass_ = FuseSkipLayerNorm(Target("cpu", time_kernels=True))
+    candidate, _ = apply_pass(pass_, model)
+    apply_pass(pass_, candidate)
+    assert len(pass_.target.kernel_checks) == 2
+
+
 def test_skip_layer_norm_measured_same_is_fused(slower) -> None:
     slower["com.microsoft.SkipLayerNormalization"] = 1.01
     pass_ = FuseSkipLayerNorm(Target("cpu", time_kernels=True))
