@@ -1,63 +1,8 @@
-"""Graph passes and the registry that names them.
+"""Graph passes over onnx-ir models; ``graph_passes.registry`` names them.
 
-``REGISTRY`` maps the name used in recipes and on the command line to the pass class. It is
-written out by hand (no import-time registration) so what exists is visible in one place; a
-test checks that every recipe's names resolve here.
+Layout: ``cleanup/`` (folding, dead and no-op removal, CSE, chains, opset), ``fusions/``
+(one module per fusion, each carrying its facts), ``target/`` (which ops a target runs,
+kernel timing and its store), ``testing/`` (test helpers and the fuzzer). Shared pieces:
+``base`` (the pass class, value helpers), ``match`` (matcher helpers), ``shapes``.
+This package imports only ``pipeline.runtime`` from the rest of the project.
 """
-
-from __future__ import annotations
-
-from graph_passes.base import GraphPass
-from graph_passes.collapse_chains import CollapseChains
-from graph_passes.eliminate_common_subexpressions import EliminateCommonSubexpressions
-from graph_passes.fold_constants import FoldConstants
-from graph_passes.fold_shapes import FoldShapes
-from graph_passes.fuse_activation_chains import FuseActivationChains
-from graph_passes.fuse_attention import FuseAttention
-from graph_passes.fuse_bias_gelu import FuseBiasGelu
-from graph_passes.fuse_conv_affine import FuseConvAffine
-from graph_passes.fuse_conv_bn import FuseConvBatchNorm
-from graph_passes.fuse_decoder_attention import FuseDecoderAttention
-from graph_passes.fuse_embed_layer_norm import FuseEmbedLayerNorm
-from graph_passes.fuse_gelu import FuseGelu
-from graph_passes.fuse_hard_swish import FuseHardSwish
-from graph_passes.fuse_layer_norm import FuseLayerNorm
-from graph_passes.fuse_pad_conv import FusePadConv
-from graph_passes.fuse_rms_norm import FuseRMSNorm
-from graph_passes.fuse_skip_layer_norm import FuseSkipLayerNorm
-from graph_passes.lift_constants import LiftConstants
-from graph_passes.merge_duplicate_initializers import MergeDuplicateInitializers
-from graph_passes.raise_opset import RaiseOpset
-from graph_passes.remove_dead import RemoveDead
-from graph_passes.remove_noops import RemoveNoops
-from graph_passes.targets import Target
-
-REGISTRY: dict[str, type[GraphPass]] = {
-    RaiseOpset.name: RaiseOpset,
-    FoldShapes.name: FoldShapes,
-    FoldConstants.name: FoldConstants,
-    LiftConstants.name: LiftConstants,
-    RemoveNoops.name: RemoveNoops,
-    CollapseChains.name: CollapseChains,
-    FuseConvBatchNorm.name: FuseConvBatchNorm,
-    FuseConvAffine.name: FuseConvAffine,
-    FusePadConv.name: FusePadConv,
-    FuseActivationChains.name: FuseActivationChains,
-    FuseHardSwish.name: FuseHardSwish,
-    FuseLayerNorm.name: FuseLayerNorm,
-    FuseAttention.name: FuseAttention,
-    FuseDecoderAttention.name: FuseDecoderAttention,
-    FuseEmbedLayerNorm.name: FuseEmbedLayerNorm,
-    FuseSkipLayerNorm.name: FuseSkipLayerNorm,
-    FuseRMSNorm.name: FuseRMSNorm,
-    FuseGelu.name: FuseGelu,
-    FuseBiasGelu.name: FuseBiasGelu,
-    EliminateCommonSubexpressions.name: EliminateCommonSubexpressions,
-    MergeDuplicateInitializers.name: MergeDuplicateInitializers,
-    RemoveDead.name: RemoveDead,
-}
-
-
-def create_pass(name: str, target: Target | None = None) -> GraphPass:
-    """Instantiate the pass registered under ``name`` for ``target`` (KeyError when unknown)."""
-    return REGISTRY[name](target)

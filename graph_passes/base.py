@@ -9,17 +9,12 @@ shares tensors, to roll a bad pass back cheaply.
 
 from __future__ import annotations
 
-import logging
 from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
 
-from graph_passes import contrib_shapes
-from graph_passes.targets import Target
-
-logger = logging.getLogger(__name__)
+from graph_passes.target.targets import Target
 
 
 class GraphPass(ir.passes.InPlacePass):
@@ -134,45 +129,6 @@ def constant_array(value: ir.Value | None):  # -> np.ndarray | None
     """``constant_tensor(value)`` as a numpy array (None when not a true constant)."""
     tensor = constant_tensor(value)
     return None if tensor is None else tensor.numpy()
-
-
-def infer_shapes(model: ir.Model, *, refresh: bool = False) -> None:
-    """Fill in value types and shapes with ONNX shape inference, in place and never fatal.
-
-    Non-strict, so models with custom ops get what can be inferred. Declared graph-output
-    types and shapes are kept as they were: they are the model's contract with its caller.
-
-    ``refresh``: forget every intermediate shape first and infer again from the inputs,
-    alternating ONNX inference with the contrib ops' own shape rules (graph_passes/
-    contrib_shapes.py) until nothing new is learned. ONNX inference keeps a shape a value
-    already has, so after a rewrite the nodes downstream would keep stale ``unk__`` symbols
-    and no two of them could be proven equal.
-    """
-    if refresh:
-        for graph in model.graphs():
-            for node in graph:
-                for value in node.outputs:
-                    if not value.is_graph_output():
-                        value.shape = None
-        for _ in range(64):  # each round crosses at least one more contrib node
-            _onnx_inference(model)
-            if not contrib_shapes.propagate(model):
-                return
-        return
-    _onnx_inference(model)
-
-
-def _onnx_inference(model: ir.Model) -> None:
-    outputs = [(v, v.type, v.shape) for g in model.graphs() for v in g.outputs]
-    try:
-        common_passes.ShapeInferencePass(strict_mode=False, data_prop=True)(model)
-    except ir.serde.SerdeError:  # inferred types onnx-ir cannot hold (maps): go without
-        logger.debug("shape inference result not representable; shapes left as they were")
-    for value, type_, shape in outputs:
-        if type_ is not None:
-            value.type = type_
-        if shape is not None:
-            value.shape = shape
 
 
 REDUCE_AXES_INPUT_OPSET = 18  # ReduceMean & co. took ``axes`` as an input from opset 18

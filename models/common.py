@@ -1,6 +1,6 @@
 """Shared pieces of the zoo modules: bug-finding example inputs and the HF wrapper.
 
-Masks follow the pipeline's input rules (``pipeline.inputs``): batch > 1 and, within one
+Masks follow the pipeline's input rules (``pipeline.runtime.inputs``): batch > 1 and, within one
 batch of two, right padding, left padding and a hole, so a fused attention that assumes
 right padding or a contiguous mask is caught by the export validation.
 """

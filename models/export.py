@@ -16,7 +16,7 @@ logs a warning when its own check fails and exits 0; we raise ``ExportMismatch``
 Validation runs ONNX Runtime on CPU with all graph optimizations disabled (so ORT's fusions
 cannot hide an exporter bug) over two input sets from the entry (batch 2 and 3, two sequence
 lengths or image sizes, masks with right/left padding and holes) and compares every output
-with ``pipeline.compare.compare_sets`` at the entry's tolerance (rtol=1e-3, atol=1e-4).
+with ``pipeline.runtime.compare.compare_sets`` at the entry's tolerance (rtol=1e-3, atol=1e-4).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from models.zoo import ZOO, Feeds, ZooEntry
-from pipeline.compare import Comparison, Tolerance, compare_sets
+from pipeline.runtime.compare import Comparison, Tolerance, compare_sets
 
 logger = logging.getLogger(__name__)
 

@@ -16,12 +16,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.compare import Tolerance
-from pipeline.errors import EXIT_BAD_INPUT, EXIT_INTERNAL_ERROR, UserError, VerificationFailed
 from pipeline.pass_manager import PassRecord
 from pipeline.providers import ProviderRequest, parse_provider_options
 from pipeline.recipe import Recipe
 from pipeline.report import Report, write_report
+from pipeline.runtime.compare import Tolerance
+from pipeline.runtime.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERNAL_ERROR,
+    UserError,
+    VerificationFailed,
+)
 
 console = Console(stderr=True)
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -76,7 +81,7 @@ def _quantize_options(
     provider: str,
 ):
     """Validate the precision flags now (exit 2 on a bad value, before any work)."""
-    from pipeline.quantize import QuantizeOptions
+    from pipeline.quantization.stage import QuantizeOptions
 
     device = "cuda" if provider.split(",")[0].strip() in ("cuda", "tensorrt") else "cpu"
     try:
@@ -282,10 +287,10 @@ def optimize(
 
     Exit codes: 0 ok, 1 verification failed, 2 bad input or usage, 3 internal error.
     """
-    from graph_passes import REGISTRY
-    from pipeline import inputs as inputs_mod
+    from graph_passes.registry import REGISTRY
     from pipeline.recipe import bundled_recipe_names, load_recipe
     from pipeline.run import RunOptions, run
+    from pipeline.runtime import inputs as inputs_mod
 
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s"
@@ -370,7 +375,7 @@ def optimize(
 def main() -> None:
     """Console-script entry point; ``optimize.py bench ...`` is the benchmark harness."""
     if sys.argv[1:2] == ["bench"]:
-        from pipeline.bench_cli import main as bench_main
+        from pipeline.bench.cli import main as bench_main
 
         bench_main(sys.argv[2:])
         return

@@ -29,12 +29,12 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from graph_passes.base import infer_shapes
-from graph_passes.fuse_gelu import match_gelu, opset_of
-from graph_passes.fuse_layer_norm import FuseLayerNorm
-from graph_passes.fuse_rms_norm import FuseRMSNorm
-from graph_passes.kernel_timing import KernelCheck
-from graph_passes.targets import Target
+from graph_passes.fusions.gelu import match_gelu, opset_of
+from graph_passes.fusions.layer_norm import FuseLayerNorm
+from graph_passes.fusions.rms_norm import FuseRMSNorm
+from graph_passes.shapes import infer_shapes
+from graph_passes.target.kernel_timing import KernelCheck
+from graph_passes.target.targets import Target
 
 logger = logging.getLogger(__name__)
 

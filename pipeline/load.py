@@ -20,8 +20,8 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from pipeline import opaque_types
-from pipeline.errors import UserError
+from pipeline.runtime import opaque_types
+from pipeline.runtime.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from graph_passes import create_pass
 from graph_passes.base import GraphPass
+from graph_passes.registry import create_pass
 from pipeline.verify import Verdict, Verifier
 
 logger = logging.getLogger(__name__)

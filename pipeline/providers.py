@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.runtime.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -754,7 +754,7 @@ def node_placement(
     """Run ``model`` once with ORT's profiler on and report where each node ran."""
     import onnxruntime as ort
 
-    from pipeline.runners import OPT_LEVELS
+    from pipeline.runtime.sessions import OPT_LEVELS
 
     folder = tempfile.mkdtemp(prefix="ovo-profile-")
     try:
@@ -798,8 +798,9 @@ def check_on_provider(
     Returns the ``provider.check`` part of the report. A CPU resolution needs no second run:
     the verifier already ran it there, and every node is on the only provider listed.
     """
-    from pipeline import opaque_types, runners
-    from pipeline.compare import compare_sets
+    from pipeline.runtime import opaque_types
+    from pipeline.runtime import sessions as runners
+    from pipeline.runtime.compare import compare_sets
 
     if resolution.resolved == "cpu":
         resolution.placement = {

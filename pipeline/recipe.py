@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from graph_passes import REGISTRY
-from graph_passes.targets import TARGETS
-from pipeline.errors import UserError
+from graph_passes.registry import REGISTRY
+from graph_passes.target.targets import TARGETS
+from pipeline.runtime.errors import UserError
 
 VERIFY_MODES = ("per-pass", "end", "auto")
 MAX_OPSET = 23  # the newest default-domain opset ONNX Runtime 1.31 runs

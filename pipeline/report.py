@@ -19,11 +19,11 @@ import onnx_ir as ir
 import onnxruntime
 
 import pipeline
-from pipeline.atomic_write import write_text_atomic
-from pipeline.compare import to_jsonable
-from pipeline.errors import UserError
 from pipeline.load import file_sha256, referenced_data_files, tensor_bytes
 from pipeline.pass_manager import count_nodes
+from pipeline.runtime.atomic_write import write_text_atomic
+from pipeline.runtime.compare import to_jsonable
+from pipeline.runtime.errors import UserError
 
 SCHEMA_VERSION = "1.0"
 
@@ -107,13 +107,13 @@ class Report:
     iterations: int = 0
     # pipeline.fusion_report rows: {fusion, expected, achieved, note} for the model's family.
     fusions: list[dict] = field(default_factory=list)
-    # graph_passes.kernel_timing.KernelCheck rows (+ "patterns": how many matches each
+    # graph_passes.target.kernel_timing.KernelCheck rows (+ "patterns": how many matches each
     # decided): fused kernel vs. the ops it replaces, timed on this CPU.
     kernel_timing: list[dict] = field(default_factory=list)
     parity: dict | None = None
     latency: dict | None = None
     provider: dict | None = None  # pipeline.providers.Resolution.to_dict() + "check"
-    # pipeline.quantize.QuantizeResult.to_dict() + final_check; None when not quantized.
+    # pipeline.quantization.stage.QuantizeResult.to_dict() + final_check; None when not quantized.
     quantization: dict | None = None
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)

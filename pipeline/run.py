@@ -22,15 +22,9 @@ from typing import Protocol
 import onnx_ir as ir
 import onnxruntime as ort
 
-from graph_passes import create_pass
-from graph_passes.targets import Target
-from pipeline import inputs as inputs_mod
+from graph_passes.registry import create_pass
+from graph_passes.target.targets import Target
 from pipeline import providers as providers_mod
-from pipeline import quantize as quantize_mod
-from pipeline import runners
-from pipeline.benchmark import compare_latency
-from pipeline.compare import Tolerance
-from pipeline.errors import UserError, VerificationFailed
 from pipeline.fusion_report import expected_fusions, kernel_timing_rows
 from pipeline.load import (
     detach_initializer_inputs,
@@ -41,8 +35,14 @@ from pipeline.load import (
     tensor_bytes,
 )
 from pipeline.pass_manager import AUTO_END_VERIFY_BYTES, PassRecord, VerifiedPassManager
+from pipeline.quantization import stage as quantize_mod
 from pipeline.recipe import Recipe
 from pipeline.report import Report, model_facts
+from pipeline.runtime import inputs as inputs_mod
+from pipeline.runtime import sessions as runners
+from pipeline.runtime.compare import Tolerance
+from pipeline.runtime.errors import UserError, VerificationFailed
+from pipeline.runtime.timing import compare_latency
 from pipeline.verify import Verifier
 
 logger = logging.getLogger(__name__)

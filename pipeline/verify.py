@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import onnx
 import onnx_ir as ir
 
-from pipeline import opaque_types, runners
-from pipeline.compare import Comparison, Tolerance, compare_sets
-from pipeline.inputs import Feeds
+from pipeline.runtime import opaque_types
+from pipeline.runtime import sessions as runners
+from pipeline.runtime.compare import Comparison, Tolerance, compare_sets
+from pipeline.runtime.inputs import Feeds
 
 logger = logging.getLogger(__name__)
 

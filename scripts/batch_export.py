@@ -79,9 +79,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipeline.compare import to_jsonable  # noqa: E402
-from pipeline.errors import UserError  # noqa: E402
 from pipeline.load import file_sha256  # noqa: E402
+from pipeline.runtime.compare import to_jsonable  # noqa: E402
+from pipeline.runtime.errors import UserError  # noqa: E402
 
 logger = logging.getLogger("batch_export")
 

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from doc_sections import write_section  # noqa: E402
 
 from pipeline import providers as providers_mod  # noqa: E402
-from pipeline.bench import BenchConfig, run_bench  # noqa: E402
+from pipeline.bench.harness import BenchConfig, run_bench  # noqa: E402
 
 EXPORTS = {  # label -> (exporter, attn_implementation)
     "legacy-eager": ("torch-legacy", "eager"),

@@ -32,7 +32,7 @@ import onnx  # noqa: E402
 import onnx_ir as ir  # noqa: E402
 import onnxslim  # noqa: E402
 
-from graph_passes import create_pass  # noqa: E402
+from graph_passes.registry import create_pass  # noqa: E402
 from pipeline.load import detach_initializer_inputs, load_model  # noqa: E402
 from pipeline.pass_manager import count_nodes  # noqa: E402
 from pipeline.recipe import load_recipe  # noqa: E402

@@ -28,12 +28,12 @@ line) and the run goes on. The output of every tool that succeeded is then evalu
 in a subprocess: node count (all graphs), parity against the original on the same input
 sets (ONNX Runtime with graph optimizations off for both, so ORT's own fusions do not hide
 what the tool did), and latency against ONNX Runtime on the original (both at
-``ORT_ENABLE_ALL``, interleaved A/B rounds, ``pipeline.benchmark.compare_latency``: the
+``ORT_ENABLE_ALL``, interleaved A/B rounds, ``pipeline.runtime.timing.compare_latency``: the
 median of per-round ratios and half their inter-quartile range as the noise).
 
 The input sets are the zoo entry's own example inputs when the model is a zoo model (a
 GPT-2 decoder's attention mask must span past + new tokens, which generic inputs cannot
-know), else ``pipeline.inputs.generate_input_sets``. Every tool and the evaluation use those
+know), else ``pipeline.runtime.inputs.generate_input_sets``. Every tool and the evaluation use those
 same sets, saved as ``.npz`` in the work folder.
 
 "seconds" is the tool's own time from reading the input file to writing the output, in
@@ -109,7 +109,7 @@ class ModelCase:
     folder: Path  # work folder of this model: inputs/, hf/, one folder per tool
     nodes: int
     inputs_dir: Path
-    inputs_source: str  # "zoo example inputs" | "generated (pipeline.inputs)"
+    inputs_source: str  # "zoo example inputs" | "generated (pipeline.runtime.inputs)"
     hf_dir: Path | None  # folder holding config.json, when there is one
     hf: dict | None  # model_type, num_heads, hidden_size
 
@@ -146,7 +146,7 @@ def _matches(model_specs: dict[str, tuple], feeds: dict[str, np.ndarray]) -> boo
 def _zoo_inputs(name: str, model) -> tuple[list[dict[str, np.ndarray]], bool] | None:
     """The zoo entry's example inputs if ``name`` is a zoo model and they fit; (sets, tiny)."""
     from models.zoo import ZOO
-    from pipeline.inputs import input_specs
+    from pipeline.runtime.inputs import input_specs
 
     if name not in ZOO:
         return None
@@ -183,8 +183,8 @@ def prepare_model(path: Path, workdir: Path) -> ModelCase:
     """Load the model once: node count, input sets (saved as .npz), Hugging Face config."""
     import onnx_ir as ir
 
-    from pipeline.inputs import generate_input_sets
     from pipeline.pass_manager import count_nodes
+    from pipeline.runtime.inputs import generate_input_sets
 
     name = path.stem
     folder = workdir / name
@@ -196,7 +196,7 @@ def prepare_model(path: Path, workdir: Path) -> ModelCase:
         source = f"zoo example inputs{' (tiny)' if tiny else ''}"
     else:
         sets, tiny = generate_input_sets(model), False
-        source = "generated (pipeline.inputs)"
+        source = "generated (pipeline.runtime.inputs)"
     source += ", shapes " + "; ".join(
         ", ".join(f"{k}{list(v.shape)}" for k, v in list(feeds.items())[:3])
         + (" ..." if len(feeds) > 3 else "")
@@ -513,9 +513,9 @@ def _child_eval(job_path: Path) -> int:
     """Child process: nodes, parity and latency of one tool's output vs. the original."""
     import onnx_ir as ir
 
-    from pipeline import runners
-    from pipeline.benchmark import compare_latency
     from pipeline.pass_manager import count_nodes
+    from pipeline.runtime import sessions as runners
+    from pipeline.runtime.timing import compare_latency
 
     job = json.loads(job_path.read_text())
     result: dict = {}

@@ -16,7 +16,7 @@
    with fp32 over every position of a few random prompts.
 
 Rows named ``ort ...`` call ONNX Runtime's quantizers directly (the reference points the
-issue quotes); rows named ``tool ...`` go through ``pipeline.quantize.quantize_model``.
+issue quotes); rows named ``tool ...`` go through ``pipeline.quantization.stage.quantize_model``.
 
     python scripts/bench_quant.py [--only minilm,cnn,gpt2] [--threads 1] [--write]
 
@@ -252,7 +252,7 @@ def bench_minilm(args, work: Path) -> list[str]:
 
     def tool(**kwargs) -> Callable[[Path], Path]:
         def build(target: Path) -> Path:
-            from pipeline.quantize import QuantizeOptions, quantize_model
+            from pipeline.quantization.stage import QuantizeOptions, quantize_model
 
             result = quantize_model(
                 fp32,
@@ -445,7 +445,7 @@ def bench_cnn(args, work: Path) -> list[str]:
     notes: list[str] = []
 
     def tool_auto(target: Path) -> Path:
-        from pipeline.quantize import QuantizeOptions, quantize_model
+        from pipeline.quantization.stage import QuantizeOptions, quantize_model
 
         result = quantize_model(
             upgraded,
@@ -570,7 +570,7 @@ def lower_gemm(source: Path, target: Path) -> int:
 
 
 def bench_gpt2(args, work: Path) -> list[str]:
-    from pipeline.quantize import QuantizeOptions, quantize_model
+    from pipeline.quantization.stage import QuantizeOptions, quantize_model
 
     exported = export_small_gpt2(work / "gpt2-small.onnx")
     fp32 = work / "gpt2-small-matmul.onnx"

@@ -64,14 +64,14 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-import graph_passes  # noqa: E402
+from graph_passes.registry import REGISTRY  # noqa: E402
 from graph_passes.base import GraphPass  # noqa: E402
-from graph_passes.testing import AddToSub  # noqa: E402
-from pipeline.atomic_write import write_text_atomic  # noqa: E402
-from pipeline.errors import UserError, VerificationFailed  # noqa: E402
+from graph_passes.testing.helpers import AddToSub  # noqa: E402
 from pipeline.recipe import Recipe, load_recipe  # noqa: E402
 from pipeline.report import Report, versions, write_report  # noqa: E402
 from pipeline.run import RunOptions, run  # noqa: E402
+from pipeline.runtime.atomic_write import write_text_atomic  # noqa: E402
+from pipeline.runtime.errors import UserError, VerificationFailed  # noqa: E402
 
 logger = logging.getLogger("ci_optimize")
 
@@ -107,10 +107,10 @@ class UsageError(Exception):
 
 def inject_broken_pass(name: str) -> type[GraphPass]:
     """Register a parity-breaking pass under ``name`` in this process's REGISTRY."""
-    if name in graph_passes.REGISTRY:
+    if name in REGISTRY:
         raise UsageError(f"--inject-broken-pass: '{name}' is already a registered pass")
     cls = type("InjectedBrokenPass", (AddToSub,), {"name": name})
-    graph_passes.REGISTRY[name] = cls
+    REGISTRY[name] = cls
     return cls
 
 
@@ -609,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
     finally:
         if injected:
-            graph_passes.REGISTRY.pop(injected, None)
+            REGISTRY.pop(injected, None)
 
     notes = []
     if injected:

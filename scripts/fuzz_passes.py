@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Long differential fuzzing campaigns over every registered pass and the default recipe.
 
-Seeds ``S .. S+N-1`` each give one random valid graph (``graph_passes.fuzzing``, the same
+Seeds ``S .. S+N-1`` each give one random valid graph (``graph_passes.testing.fuzzing``, the same
 generator the tests drive with hypothesis). Every pass alone and the default recipe run on
 it; a crash, a checker or ONNX Runtime error, or outputs off by more than rtol=1e-4 /
 atol=1e-5 is a failure, and the graph is saved as ``tests/fuzz_regressions/<pass>-<hash>.onnx``
@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from graph_passes import fuzzing  # noqa: E402
+from graph_passes.testing import fuzzing  # noqa: E402
 
 REGRESSIONS = ROOT / "tests" / "fuzz_regressions"
 

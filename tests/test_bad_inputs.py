@@ -25,9 +25,9 @@ import pytest
 from onnx import TensorProto, helper
 
 from pipeline import load
-from pipeline.errors import EXIT_BAD_INPUT, UserError
 from pipeline.recipe import load_recipe
 from pipeline.run import RunOptions, run
+from pipeline.runtime.errors import EXIT_BAD_INPUT, UserError
 from tests.test_cli import SMALL_MODEL, run_cli
 
 

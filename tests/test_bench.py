@@ -18,7 +18,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from pipeline import bench as B
+from pipeline.bench import harness as B
 from tests import test_cli as cli_tests
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Table tests for pipeline.compare with hand-computed expected values.
+"""Table tests for pipeline.runtime.compare with hand-computed expected values.
 
 Every number asserted here was worked out by hand (the arithmetic is in the comments), not
 read back from the implementation.
@@ -16,7 +16,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pipeline.compare import Comparison, Tolerance, _ulp, compare, compare_output, compare_sets
+from pipeline.runtime.compare import (
+    Comparison,
+    Tolerance,
+    _ulp,
+    compare,
+    compare_output,
+    compare_sets,
+)
 
 EXACT = Tolerance(rtol=0.0, atol=0.0, fp16_ulps=0.0)
 # ref [1, 2, 3, 4] . cand [1, 2, 3, 4.5] = 1 + 4 + 9 + 18 = 32; |ref|^2 = 30;

@@ -254,8 +254,8 @@ def test_temp_models_left_by_killed_runs_are_removed(tmp_path):
     when its process is gone, and leaves live or foreign ones alone."""
     import socket
 
-    from pipeline import runners
     from pipeline.load import load_model
+    from pipeline.runtime import sessions as runners
 
     _write_previous(tmp_path / "m.onnx", external=True)  # a model with external data
     model = load_model(tmp_path / "m.onnx")
@@ -299,9 +299,9 @@ def test_passes_do_not_keep_weights_mapped(tmp_path, mode):
     """onnx-ir keeps a memory map (resident, in RSS) open for every external tensor a pass
     read, removed ones included; on a multi-GB model that doubled peak memory during
     verification. The pass manager closes them after each pass."""
-    from pipeline.compare import Tolerance
     from pipeline.load import load_model
     from pipeline.pass_manager import VerifiedPassManager
+    from pipeline.runtime.compare import Tolerance
     from pipeline.verify import Verifier
 
     rng = np.random.default_rng(0)

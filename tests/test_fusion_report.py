@@ -6,12 +6,12 @@ from __future__ import annotations
 import onnx_ir as ir
 import pytest
 
-from graph_passes.fuse_conv_bn import FuseConvBatchNorm
-from graph_passes.fuse_gelu import FuseGelu
-from graph_passes.fuse_layer_norm import FuseLayerNorm
-from graph_passes.fuse_skip_layer_norm import FuseSkipLayerNorm
-from graph_passes.targets import Target
-from graph_passes.testing import model_from_text
+from graph_passes.fusions.conv_bn import FuseConvBatchNorm
+from graph_passes.fusions.gelu import FuseGelu
+from graph_passes.fusions.layer_norm import FuseLayerNorm
+from graph_passes.fusions.skip_layer_norm import FuseSkipLayerNorm
+from graph_passes.target.targets import Target
+from graph_passes.testing.helpers import model_from_text
 from pipeline.fusion_report import FusionRow, detect_family, expected_fusions
 
 ENCODER = """<ir_version: 8, opset_import: ["" : 17]>

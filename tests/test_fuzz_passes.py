@@ -1,7 +1,7 @@
 """Differential fuzzing: every registered pass, alone and as the default recipe, must keep
 random valid graphs valid and their outputs unchanged (rtol=1e-4, atol=1e-5).
 
-The graphs come from ``graph_passes.fuzzing.random_model(seed)``; hypothesis drives the seed
+The graphs come from ``graph_passes.testing.fuzzing.random_model(seed)``; hypothesis drives the seed
 (derandomized, so CI is deterministic), and ``scripts/fuzz_passes.py`` runs long campaigns
 over the same generator. Every graph a campaign found failing is saved in
 ``tests/fuzz_regressions/<pass>-<hash>.onnx`` and replayed here.
@@ -21,11 +21,13 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from graph_passes import REGISTRY, fuzzing
-from graph_passes.testing import AddToSub
-from pipeline import inputs, runners
-from pipeline.compare import Tolerance
+from graph_passes.registry import REGISTRY
+from graph_passes.testing import fuzzing
+from graph_passes.testing.helpers import AddToSub
 from pipeline.pass_manager import VerifiedPassManager
+from pipeline.runtime import inputs
+from pipeline.runtime import sessions as runners
+from pipeline.runtime.compare import Tolerance
 from pipeline.verify import Verifier
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,10 +13,10 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from graph_passes import REGISTRY
-from graph_passes.fuse_decoder_attention import FuseDecoderAttention
-from graph_passes.targets import Target
-from graph_passes.testing import apply_pass, assert_parity
+from graph_passes.fusions.decoder_attention import FuseDecoderAttention
+from graph_passes.registry import REGISTRY
+from graph_passes.target.targets import Target
+from graph_passes.testing.helpers import apply_pass, assert_parity
 
 pytestmark = pytest.mark.slow  # exports a model (~20 s) and runs it at several shapes
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from graph_passes.testing import model_from_text
-from pipeline import inputs
-from pipeline.errors import UserError
+from graph_passes.testing.helpers import model_from_text
+from pipeline.runtime import inputs
+from pipeline.runtime.errors import UserError
 
 ENCODER = (
     """

@@ -15,15 +15,15 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from graph_passes import kernel_timing, timing_store
-from graph_passes.base import infer_shapes
-from graph_passes.fuse_attention import FuseAttention
-from graph_passes.fuse_bias_gelu import FuseBiasGelu
-from graph_passes.fuse_gelu import FuseGelu
-from graph_passes.fuse_skip_layer_norm import FuseSkipLayerNorm
-from graph_passes.kernel_timing import KernelCheck, check_rewrite
-from graph_passes.targets import Target
-from graph_passes.testing import apply_pass, assert_parity, model_from_text, op_list
+from graph_passes.fusions.attention import FuseAttention
+from graph_passes.fusions.bias_gelu import FuseBiasGelu
+from graph_passes.fusions.gelu import FuseGelu
+from graph_passes.fusions.skip_layer_norm import FuseSkipLayerNorm
+from graph_passes.shapes import infer_shapes
+from graph_passes.target import kernel_timing, timing_store
+from graph_passes.target.kernel_timing import KernelCheck, check_rewrite
+from graph_passes.target.targets import Target
+from graph_passes.testing.helpers import apply_pass, assert_parity, model_from_text, op_list
 from pipeline.fusion_report import FusionRow, _row, kernel_timing_rows
 
 OPSETS = {"": 17}

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from pipeline import load
-from pipeline.errors import UserError
+from pipeline.runtime.errors import UserError
 
 
 def _model_with_weight(size: int = 64) -> onnx.ModelProto:

@@ -15,11 +15,12 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from graph_passes import create_pass
-from graph_passes.fuse_attention import FuseAttention
-from graph_passes.targets import Target
-from pipeline import inputs, runners
+from graph_passes.fusions.attention import FuseAttention
+from graph_passes.registry import create_pass
+from graph_passes.target.targets import Target
 from pipeline.recipe import load_recipe
+from pipeline.runtime import inputs
+from pipeline.runtime import sessions as runners
 
 VARIANTS = {  # id: (exporter, attn_implementation)
     "optimum": ("optimum", "sdpa"),

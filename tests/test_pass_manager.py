@@ -7,10 +7,11 @@ import onnx_ir as ir
 import pytest
 
 from graph_passes.base import GraphPass
-from graph_passes.testing import AddToSub, model_from_text, op_list
-from pipeline import inputs, runners
-from pipeline.compare import Tolerance
+from graph_passes.testing.helpers import AddToSub, model_from_text, op_list
 from pipeline.pass_manager import VerifiedPassManager
+from pipeline.runtime import inputs
+from pipeline.runtime import sessions as runners
+from pipeline.runtime.compare import Tolerance
 from pipeline.verify import Verifier
 
 MODEL = """

@@ -18,7 +18,7 @@ import onnx
 import pytest
 
 from pipeline import providers as P
-from pipeline.errors import EXIT_BAD_INPUT, UserError
+from pipeline.runtime.errors import EXIT_BAD_INPUT, UserError
 from tests.test_cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.quantization import guard, preprocess, tiers
 from pipeline.quantization.isa import choose_int8_types
-from pipeline.quantize import QuantizeOptions, quantize_model
+from pipeline.quantization.stage import QuantizeOptions, quantize_model
 from tests.test_cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]

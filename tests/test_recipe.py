@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from graph_passes import REGISTRY, create_pass
-from pipeline.errors import UserError
+from graph_passes.registry import REGISTRY, create_pass
 from pipeline.recipe import bundled_recipe_names, load_recipe
+from pipeline.runtime.errors import UserError
 
 
 @pytest.mark.parametrize("name", bundled_recipe_names())

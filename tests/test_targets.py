@@ -5,10 +5,10 @@ from __future__ import annotations
 import onnx_ir as ir
 import pytest
 
-from graph_passes import create_pass
-from graph_passes.targets import Target
-from pipeline.errors import UserError
+from graph_passes.registry import create_pass
+from graph_passes.target.targets import Target
 from pipeline.recipe import load_recipe
+from pipeline.runtime.errors import UserError
 
 
 def _contrib(op_type: str, dtypes: list[ir.DataType], **ints: int) -> ir.Node:

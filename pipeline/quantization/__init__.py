@@ -1,4 +1,4 @@
-"""ONNX Runtime quantization, chosen, guarded and verified (entry point: ``pipeline.quantize``).
+"""ONNX Runtime quantization, chosen, guarded and verified (entry: ``quantization.stage``).
 
 One job per module: ``isa`` (u8/s8 choice from the CPU), ``preprocess`` (opset, shapes,
 mask constants), ``calibration`` (data readers, generated data, cache keys), ``tiers`` (one

@@ -23,8 +23,8 @@ import onnx
 import onnx_ir as ir
 from onnxruntime.quantization import CalibrationDataReader
 
-from pipeline.errors import UserError
-from pipeline.inputs import Feeds, generate_input_sets
+from pipeline.runtime.errors import UserError
+from pipeline.runtime.inputs import Feeds, generate_input_sets
 
 logger = logging.getLogger(__name__)
 

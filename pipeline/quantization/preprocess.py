@@ -195,14 +195,14 @@ def lift_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     ``quantize_dynamic`` with "Expected conv2d_394.w_0 to be an initializer", and the QOperator
     path crashes on a Conv bias held in a Constant. ORT itself turns Constants into
     initializers at load time, so lifting changes nothing in meaning. The rewrite is
-    ``graph_passes.lift_constants.LiftConstants`` (onnx-ir's pass, with Constants that are
+    ``graph_passes.cleanup.lift_constants.LiftConstants`` (onnx-ir's pass, with Constants that are
     graph outputs and IR < 4 models left alone).
     """
     if not any(n.op_type == "Constant" and n.domain in ("", "ai.onnx") for n in model.graph.node):
         return model, 0
     import onnx_ir as ir
 
-    from graph_passes.lift_constants import LiftConstants
+    from graph_passes.cleanup.lift_constants import LiftConstants
 
     ir_model = ir.from_proto(model)
     lifter = LiftConstants()

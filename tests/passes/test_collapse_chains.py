@@ -7,8 +7,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from graph_passes.collapse_chains import CollapseChains, _normalize
-from graph_passes.testing import apply_pass, assert_parity, check, model_from_text, op_list
+from graph_passes.cleanup.collapse_chains import CollapseChains, _normalize
+from graph_passes.testing.helpers import apply_pass, assert_parity, check, model_from_text, op_list
 
 INITS = """<int64[1] i0 = {0}, int64[1] i1 = {1}, int64[1] im1 = {-1}, int64[1] im4 = {-4},
   int64[2] i03 = {0, 3}, int64[2] s012 = {0, 12}, int64[3] sm143 = {-1, 4, 3},

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.eliminate_common_subexpressions import EliminateCommonSubexpressions
-from graph_passes.testing import apply_pass, assert_parity, check, model_from_text, op_list
+from graph_passes.cleanup.eliminate_common_subexpressions import EliminateCommonSubexpressions
+from graph_passes.testing.helpers import apply_pass, assert_parity, check, model_from_text, op_list
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
 

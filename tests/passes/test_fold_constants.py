@@ -12,11 +12,11 @@ import onnx_ir as ir
 import pytest
 from onnx import numpy_helper
 
-from graph_passes import _constant_eval
-from graph_passes.base import infer_shapes
-from graph_passes.fold_constants import SMALL_BYTES, FoldConstants
-from graph_passes.testing import apply_pass, assert_parity, check, op_list
-from pipeline import runners
+from graph_passes.cleanup import constant_eval as _constant_eval
+from graph_passes.cleanup.fold_constants import SMALL_BYTES, FoldConstants
+from graph_passes.shapes import infer_shapes
+from graph_passes.testing.helpers import apply_pass, assert_parity, check, op_list
+from pipeline.runtime import sessions as runners
 
 HEADER = '<ir_version: 10, opset_import: ["" : 21]>\n'
 RNG = np.random.default_rng(0)

@@ -7,8 +7,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from graph_passes.fold_shapes import FoldShapes
-from graph_passes.testing import apply_pass, assert_parity, check, model_from_text, op_list
+from graph_passes.cleanup.fold_shapes import FoldShapes
+from graph_passes.testing.helpers import apply_pass, assert_parity, check, model_from_text, op_list
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
 

@@ -8,8 +8,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from graph_passes.fuse_activation_chains import FuseActivationChains, clip_range
-from graph_passes.testing import apply_pass, assert_parity, check, model_from_text, op_list
+from graph_passes.fusions.activation_chains import FuseActivationChains, clip_range
+from graph_passes.testing.helpers import apply_pass, assert_parity, check, model_from_text, op_list
 
 INITS = (
     "float zero = {0.0}, float six = {6.0}, float m1 = {-1.0}, float m2 = {-2.0}, "

@@ -12,9 +12,9 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
-from graph_passes.fuse_attention import FuseAttention
-from graph_passes.targets import Target
-from graph_passes.testing import apply_pass, assert_parity, check, op_list
+from graph_passes.fusions.attention import FuseAttention
+from graph_passes.target.targets import Target
+from graph_passes.testing.helpers import apply_pass, assert_parity, check, op_list
 
 E, H, D = 8, 2, 4
 TOL = {"rtol": 1e-4, "atol": 1e-5}

@@ -7,9 +7,9 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from graph_passes.fuse_bias_gelu import FuseBiasGelu
-from graph_passes.targets import Target
-from graph_passes.testing import apply_pass, assert_parity, check, model_from_text, op_list
+from graph_passes.fusions.bias_gelu import FuseBiasGelu
+from graph_passes.target.targets import Target
+from graph_passes.testing.helpers import apply_pass, assert_parity, check, model_from_text, op_list
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 

@@ -9,8 +9,8 @@ import onnx_ir as ir
 import pytest
 from onnx import helper, numpy_helper
 
-from graph_passes.fuse_conv_affine import FuseConvAffine
-from graph_passes.testing import apply_pass, assert_parity, check, op_list
+from graph_passes.fusions.conv_affine import FuseConvAffine
+from graph_passes.testing.helpers import apply_pass, assert_parity, check, op_list
 
 RTOL, ATOL = 1e-4, 1e-5
 C = 4

@@ -11,8 +11,8 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graph_passes.fuse_conv_bn import FuseConvBatchNorm
-from graph_passes.testing import apply_pass, assert_parity, check, op_list
+from graph_passes.fusions.conv_bn import FuseConvBatchNorm
+from graph_passes.testing.helpers import apply_pass, assert_parity, check, op_list
 from models.kinds import old_zoo_cnn
 
 RTOL, ATOL = 1e-4, 1e-5

@@ -9,9 +9,9 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from graph_passes.fuse_decoder_attention import FuseDecoderAttention
-from graph_passes.targets import Target
-from graph_passes.testing import apply_pass, assert_parity, model_from_text, op_list
+from graph_passes.fusions.decoder_attention import FuseDecoderAttention
+from graph_passes.target.targets import Target
+from graph_passes.testing.helpers import apply_pass, assert_parity, model_from_text, op_list
 
 HEADS, HEAD_DIM = 2, 8
 HIDDEN = HEADS * HEAD_DIM
@@ -163,7 +163,7 @@ def test_feeds_have_fully_masked_rows_that_the_guard_zeroes():
     unguarded = out.clone()
     (where,) = [n for n in unguarded.graph if n.name == guard[0].name]
     where.replace_input_with(1, where.inputs[2])  # Where(nan, o, o): guard off
-    from pipeline import runners
+    from pipeline.runtime import sessions as runners
 
     session = runners.create_session(unguarded, optimization="disable_all")
     assert np.isnan(session.run(feeds()[0])["out"]).any()

@@ -9,9 +9,9 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from graph_passes.fuse_embed_layer_norm import FuseEmbedLayerNorm
-from graph_passes.targets import Target
-from graph_passes.testing import apply_pass, assert_parity, model_from_text, op_list
+from graph_passes.fusions.embed_layer_norm import FuseEmbedLayerNorm
+from graph_passes.target.targets import Target
+from graph_passes.testing.helpers import apply_pass, assert_parity, model_from_text, op_list
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 VOCAB, MAX_POS, HIDDEN = 11, 8, 4

@@ -7,10 +7,10 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from graph_passes.base import infer_shapes
-from graph_passes.fuse_gelu import FuseGelu, match_gelu
-from graph_passes.targets import Target
-from graph_passes.testing import apply_pass, assert_parity, check, model_from_text, op_list
+from graph_passes.fusions.gelu import FuseGelu, match_gelu
+from graph_passes.shapes import infer_shapes
+from graph_passes.target.targets import Target
+from graph_passes.testing.helpers import apply_pass, assert_parity, check, model_from_text, op_list
 
 # The fused kernels use their own erf/tanh approximations: a few float32 ulps apart.
 TOL = {"rtol": 1e-5, "atol": 1e-5}

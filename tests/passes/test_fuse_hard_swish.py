@@ -9,8 +9,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from graph_passes.fuse_hard_swish import FuseHardSwish
-from graph_passes.testing import apply_pass, assert_parity, check, model_from_text, op_list
+from graph_passes.fusions.hard_swish import FuseHardSwish
+from graph_passes.testing.helpers import apply_pass, assert_parity, check, model_from_text, op_list
 
 INITS = (
     "float three = {3.0}, float zero = {0.0}, float six = {6.0}, "

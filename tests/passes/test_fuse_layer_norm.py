@@ -9,8 +9,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from graph_passes.fuse_layer_norm import FuseLayerNorm
-from graph_passes.testing import apply_pass, assert_parity, check, model_from_text, op_list
+from graph_passes.fusions.layer_norm import FuseLayerNorm
+from graph_passes.testing.helpers import apply_pass, assert_parity, check, model_from_text, op_list
 
 TOL = {"rtol": 1e-4, "atol": 1e-5}
 LINES = {  # name -> line of the decomposed LayerNorm; tests swap single lines

@@ -7,9 +7,9 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from graph_passes.fuse_skip_layer_norm import FuseSkipLayerNorm
-from graph_passes.targets import Target
-from graph_passes.testing import apply_pass, assert_parity, check, model_from_text, op_list
+from graph_passes.fusions.skip_layer_norm import FuseSkipLayerNorm
+from graph_passes.target.targets import Target
+from graph_passes.testing.helpers import apply_pass, assert_parity, check, model_from_text, op_list
 
 TOL = {"rtol": 1e-4, "atol": 1e-5}
 LINES = {
@@ -224,7 +224,7 @@ def test_shape_proven_by_symbolic_inference():
 def test_symbolic_shape_inference_leaves_no_debris_in_the_working_directory(tmp_path, monkeypatch):
     # ORT's symbolic inference saves "sym_shape_infer_temp.onnx" into the working directory
     # when it cannot infer everything (here: an op from an unknown domain).
-    from graph_passes.symbolic_shapes import symbolic_dims
+    from graph_passes.shapes import symbolic_dims
 
     model = model_from_text(
         """

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from graph_passes.lift_constants import LiftConstants
-from graph_passes.testing import apply_pass, assert_parity, check, model_from_text, op_list
+from graph_passes.cleanup.lift_constants import LiftConstants
+from graph_passes.testing.helpers import apply_pass, assert_parity, check, model_from_text, op_list
 
 MODEL = """
 <ir_version: 8, opset_import: ["" : 17]>

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from graph_passes.fuse_layer_norm import FuseLayerNorm
-from graph_passes.raise_opset import RaiseOpset
-from graph_passes.targets import Target
-from graph_passes.testing import apply_pass, assert_parity, check, model_from_text, op_list
+from graph_passes.cleanup.raise_opset import RaiseOpset
+from graph_passes.fusions.layer_norm import FuseLayerNorm
+from graph_passes.target.targets import Target
+from graph_passes.testing.helpers import apply_pass, assert_parity, check, model_from_text, op_list
 
 TOL = {"rtol": 1e-4, "atol": 1e-5}
 DECOMPOSED_14 = """<ir_version: 7, opset_import: ["" : 14]>

@@ -7,8 +7,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from graph_passes.remove_dead import RemoveDead
-from graph_passes.testing import apply_pass, assert_parity, check, model_from_text, op_list
+from graph_passes.cleanup.remove_dead import RemoveDead
+from graph_passes.testing.helpers import apply_pass, assert_parity, check, model_from_text, op_list
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
 

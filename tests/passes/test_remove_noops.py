@@ -7,8 +7,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from graph_passes.remove_noops import RemoveNoops
-from graph_passes.testing import apply_pass, assert_parity, check, model_from_text, op_list
+from graph_passes.cleanup.remove_noops import RemoveNoops
+from graph_passes.testing.helpers import apply_pass, assert_parity, check, model_from_text, op_list
 
 X = "float[N, 3, 4]"
 INITS = """<float one = {1.0}, float zero = {0.0}, float two = {2.0}, float ratio = {0.5},

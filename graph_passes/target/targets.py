@@ -1,0 +1,227 @@
+"""Which fused ops a target can run, so a fusion never emits an op its runtime lacks.
+
+A *target* is where the optimized model will run:
+
+- ``cpu`` / ``cuda``: ONNX Runtime with that execution provider. Fusions may emit
+  ``com.microsoft`` contrib ops, but only those that have a kernel there.
+- ``portable``: any ONNX runtime, TensorRT's parser included. Standard-domain ops only,
+  each at the opset it was introduced (LayerNormalization 17, Gelu 20, RMSNormalization
+  and Attention 23); never a contrib op.
+
+Why contrib kernels are probed rather than read from ORT's kernel registry: with the
+``onnxruntime-gpu`` wheel on a machine without CUDA libraries,
+``onnxruntime.capi._pybind_state.get_all_opkernel_def()`` tries to load the CUDA provider
+and the process segfaults (seen with ORT 1.31.1). Instead, the exact node a fusion wants to
+emit is put alone in a model (inputs with the node's types and known dims) and a CPU
+session is created with every graph optimization off; any failure (no kernel, unregistered
+op, input types the schema rejects) means the op is not used. Results are cached per probe
+model. The verifier runs on CPU, so a ``cuda`` target
+also needs the CPU kernel, plus the op in ``CUDA_CONTRIB_OPS`` (ORT's CUDA contrib kernel
+list for the ops our fusions emit; it cannot be probed without a GPU).
+
+Having a kernel is not the same as the kernel being faster: with ``time_kernels`` a ``cpu``
+target also times each rewrite against the nodes it replaces (``rewrite_pays``,
+graph_passes/kernel_timing.py) and the fusion is left out where it is slower.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import onnx
+import onnx_ir as ir
+
+logger = logging.getLogger(__name__)
+
+TARGETS = ("cpu", "cuda", "portable")
+CONTRIB_DOMAIN = "com.microsoft"
+
+# Opset in which each fused standard op first exists.
+STANDARD_OP_OPSET = {
+    "LayerNormalization": 17,
+    "Gelu": 20,
+    "RMSNormalization": 23,
+    "Attention": 23,
+}
+
+# ORT's CUDA provider registers these com.microsoft kernels (onnxruntime/contrib_ops/cuda,
+# ORT 1.31); limited to the ops our fusions emit.
+CUDA_CONTRIB_OPS = frozenset(
+    {
+        "Attention",
+        "MultiHeadAttention",
+        "GroupQueryAttention",
+        "SkipLayerNormalization",
+        "SkipSimplifiedLayerNormalization",
+        "EmbedLayerNormalization",
+        "BiasGelu",
+        "FastGelu",
+        "Gelu",
+        "QuickGelu",
+        "BiasAdd",
+        "MatMulNBits",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the optimized model runs; fusions ask it before emitting an op."""
+
+    name: str = "cpu"
+    # Raise the model's default-domain opset up to this (0: never) when that lets a
+    # standard fused op be used; the ``raise_opset`` pass does it before the fusions.
+    raise_opset_to: int = 0
+    # Time each contrib fusion against the nodes it replaces (graph_passes/kernel_timing.py)
+    # and decline it where the fused kernel is slower. Only a ``cpu`` target is measured:
+    # that is the provider this machine has. Off by default so that unit tests of a
+    # fusion's pattern do not depend on timing; the pipeline turns it on.
+    time_kernels: bool = False
+    # Every measurement this target made, in order, for the report (shared by the passes
+    # of one run; not part of the target's identity).
+    kernel_checks: list = field(default_factory=list, compare=False, hash=False, repr=False)
+    # the matched patterns already in ``kernel_checks``, by the names of the values the
+    # replaced nodes compute (unique in a graph, kept by copies; node names may be empty): a
+    # pattern declined in one fixed-point iteration is matched again in the next
+    _checked: set = field(default_factory=set, compare=False, hash=False, repr=False)
+
+    KINDS: ClassVar[tuple[str, ...]] = TARGETS
+
+    def __post_init__(self) -> None:
+        if self.name not in TARGETS:
+            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.name!r}")
+
+    @property
+    def measures(self) -> bool:
+        """Whether fusions are timed here before they are applied (``time_kernels`` on a
+        ``cpu`` target: the only provider this machine is sure to have)."""
+        return self.time_kernels and self.name == "cpu"
+
+    @property
+    def allows_contrib(self) -> bool:
+        """Whether com.microsoft ops may be emitted at all."""
+        return self.name != "portable"
+
+    def allows_standard(self, op_type: str, model_opset: int) -> bool:
+        """Whether a standard op introduced at ``STANDARD_OP_OPSET`` fits this model."""
+        return model_opset >= STANDARD_OP_OPSET.get(op_type, 1)
+
+    def supports(self, node: ir.Node) -> bool:
+        """Whether this target can run ``node`` (a node a fusion is about to emit).
+
+        Standard-domain nodes are accepted (the caller checks the opset with
+        ``allows_standard``); contrib nodes need ``allows_contrib`` and a kernel.
+        """
+        if node.domain in ("", "ai.onnx"):
+            return True
+        if node.domain != CONTRIB_DOMAIN or not self.allows_contrib:
+            return False
+        if self.name == "cuda" and node.op_type not in CUDA_CONTRIB_OPS:
+            return False
+        key = (node.domain, node.op_type, tuple(_dtype_of(v) for v in node.inputs))
+        return _has_cpu_kernel(key, _node_proto(node))
+
+    def rewrite_pays(
+        self,
+        before: Sequence[ir.Node],
+        before_outputs: Sequence[ir.Value],
+        after: Sequence[ir.Node],
+        after_outputs: Sequence[ir.Value],
+        shapes=None,
+    ) -> bool:
+        """Whether to apply a rewrite of ``before`` into ``after`` (the fused nodes).
+
+        False only when the target is measured and the fused nodes are slower beyond noise.
+        """
+        check = self.measure_rewrite(before, before_outputs, after, after_outputs, shapes)
+        return check is None or not check.declined
+
+    def measure_rewrite(
+        self,
+        before: Sequence[ir.Node],
+        before_outputs: Sequence[ir.Value],
+        after: Sequence[ir.Node],
+        after_outputs: Sequence[ir.Value],
+        shapes=None,
+    ):  # -> KernelCheck | None
+        """Time ``after`` against ``before`` on this target (``graph_passes/kernel_timing``).
+
+        None when this target is not measured (``time_kernels`` off, or not ``cpu``: only
+        the local CPU can be timed here). Each measurement is kept in ``kernel_checks``.
+        ``shapes``: proven dims by ``id()`` of a value (``kernel_timing.check_rewrite``).
+        """
+        if not self.measures or not before:
+            return None
+        from graph_passes.target.kernel_timing import check_rewrite
+
+        graph = before[0].graph
+        opsets = dict(graph.opset_imports) if graph is not None else {}
+        for node in after:
+            opsets.setdefault(node.domain, 1)
+        opsets.setdefault("", 17)
+        check = check_rewrite(before, before_outputs, after, after_outputs, opsets, shapes=shapes)
+        pattern = (check.fused, tuple(v.name for node in before for v in node.outputs))
+        if pattern not in self._checked:
+            self._checked.add(pattern)
+            self.kernel_checks.append(check)
+            logger.info("kernel timing: %s", check.describe())
+        return check
+
+
+def _dtype_of(value: ir.Value | None) -> int:
+    if value is None or value.dtype is None:
+        return 0
+    return int(value.dtype)
+
+
+def _node_proto(node: ir.Node) -> bytes:
+    """The node alone as a serialized ModelProto whose inputs have the node's input types."""
+    inputs, names = [], []
+    for i, value in enumerate(node.inputs):
+        if value is None:
+            names.append("")
+            continue
+        name = f"in{i}"
+        names.append(name)
+        dtype = _dtype_of(value) or onnx.TensorProto.FLOAT
+        shape = (
+            None
+            if value.shape is None
+            else [d if isinstance(d, int) else None for d in value.shape]
+        )
+        inputs.append(onnx.helper.make_tensor_value_info(name, dtype, shape))
+    outputs = [f"out{i}" for i in range(len(node.outputs))]
+    attributes = [ir.serde.serialize_attribute(a) for a in node.attributes.values()]
+    proto = onnx.helper.make_node(node.op_type, names, outputs, domain=node.domain)
+    proto.attribute.extend(attributes)
+    graph = onnx.helper.make_graph(
+        [proto],
+        "probe",
+        inputs,
+        [onnx.helper.make_empty_tensor_value_info(o) for o in outputs],
+    )
+    model = onnx.helper.make_model(
+        graph,
+        opset_imports=[onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid(node.domain, 1)],
+        ir_version=8,
+    )
+    return model.SerializeToString()
+
+
+@functools.lru_cache(maxsize=256)
+def _has_cpu_kernel(key: tuple, model_bytes: bytes) -> bool:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 4
+    try:
+        ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - no kernel, unknown op, or wrong input types
+        logger.info("%s.%s with input types %s cannot run on CPU: %s", *key[:3], exc)
+        return False
+    return True

@@ -1,0 +1,665 @@
+"""Precision tiers with an accuracy guard: the entry point of the quantization stage.
+
+``quantize_model`` lowers an fp32 ONNX model to one of ``PRECISIONS`` with ONNX Runtime's own
+tools (see ``pipeline.quantization``), measures the result against fp32 on the reference
+inputs, and when the accuracy budget (``max_cosine_drop``) is missed, keeps the most
+sensitive nodes in float, greedily, until it holds. ``auto`` tries the tiers that fit the
+device and returns the fastest one within budget, measured against fp32 side by side; fp32
+when none is faster. Nothing here trusts a tier to be accurate or fast: both are measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from pipeline.quantization import calibration, guard, preprocess, tiers
+from pipeline.quantization.isa import choose_int8_types
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static", "int4", "auto")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+INT4_ALGORITHMS = ("rtn", "hqq", "gptq")
+# The budget used when the user gives none: what each tier normally achieves on real models.
+DEFAULT_COSINE_DROP = {
+    "fp32": 0.0,
+    "fp16": 1e-3,
+    "int8-dynamic": 0.01,
+    "int8-static": 0.01,
+    "int4": 0.02,
+}
+MAX_GUARD_ROUNDS = 10
+# The guard may keep at most this share of the quantized nodes in float: beyond it the tier
+# is not worth having (it is mostly fp32 with conversion overhead), so it misses its budget.
+MAX_EXCLUDED_FRACTION = 0.5
+FP16_CPU_WARNING = (
+    "fp16 on CPU is usually SLOWER than fp32: ONNX Runtime's CPU provider has few fp16 "
+    "kernels and falls back through Cast nodes; fp16 pays off on GPUs"
+)
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """What to lower to, and the budget the result must keep.
+
+    Attributes:
+        precision: One of ``PRECISIONS``.
+        calibration: A folder of .npz/.npy input sets (``--inputs`` layout) or one .npz.
+        calibration_method: minmax | entropy | percentile (int8-static).
+        per_channel: Per-channel weight scales (int8); raises the opset to 13 when needed.
+        symmetric_weights: Symmetric weights (zero point 0); int8 and int4 RTN.
+        activation_type: auto (from the CPU's instruction set, see ``isa``) | uint8 | int8.
+        exclude_nodes: Node names never quantized.
+        exclude_op_types: Op types never quantized (fp16: kept in fp32).
+        max_cosine_drop: Budget: ``1 - mean cosine`` to fp32 on every float output. None:
+            ``DEFAULT_COSINE_DROP`` of the tier.
+        int4_block_size: MatMulNBits block size (power of two, >= 16).
+        int4_algorithm: rtn | hqq | gptq (gptq needs calibration data).
+        fp16_keep_io_types: Keep float32 graph inputs/outputs (Casts at the edges).
+        fp16_op_block_list: Extra op types kept in fp32.
+        cache_dir: Calibration cache folder (keyed by model hash); None: per call only.
+        quant_format: qdq | qoperator (int8-static).
+        device: cpu | cuda: where the model will run; ``auto`` tries fp16 only on cuda.
+        latency_rounds: Interleaved rounds per candidate in ``auto``.
+    """
+
+    precision: str = "fp32"
+    calibration: Path | None = None
+    calibration_method: str = "minmax"
+    per_channel: bool = True
+    symmetric_weights: bool = True
+    activation_type: str = "auto"
+    exclude_nodes: tuple[str, ...] = ()
+    exclude_op_types: tuple[str, ...] = ()
+    max_cosine_drop: float | None = None
+    int4_block_size: int = 32
+    int4_algorithm: str = "rtn"
+    fp16_keep_io_types: bool = True
+    fp16_op_block_list: tuple[str, ...] = ()
+    cache_dir: Path | None = None
+    quant_format: str = "qdq"
+    device: str = "cpu"
+    latency_rounds: int = 9
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
+            (
+                self.calibration_method in CALIBRATION_METHODS,
+                f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}",
+            ),
+            (self.activation_type in ("auto", "uint8", "int8"), "activation type: auto|uint8|int8"),
+            (
+                self.int4_algorithm in INT4_ALGORITHMS,
+                f"int4 algorithm must be one of {', '.join(INT4_ALGORITHMS)}",
+            ),
+            (
+                self.int4_block_size >= 16
+                and self.int4_block_size & (self.int4_block_size - 1) == 0,
+                f"int4 block size must be a power of two >= 16, got {self.int4_block_size}",
+            ),
+            (
+                self.max_cosine_drop is None or 0 <= self.max_cosine_drop < 1,
+                f"max cosine drop must be in [0, 1), got {self.max_cosine_drop}",
+            ),
+            (self.quant_format in ("qdq", "qoperator"), "quant format must be qdq or qoperator"),
+            (self.device in ("cpu", "cuda"), "device must be cpu or cuda"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def budget(self, tier: str) -> float:
+        if self.max_cosine_drop is not None:
+            return self.max_cosine_drop
+        return DEFAULT_COSINE_DROP.get(tier, 0.01)
+
+
+@dataclass
+class QuantizeResult:
+    """What the stage produced and proved.
+
+    ``accuracy`` maps each output to its mean cosine to fp32 (float outputs) or the share of
+    equal elements (integer outputs); ``accuracy_details`` has min cosine and max abs error.
+    ``sensitivity`` is (node, SQNR dB), worst first (empty when the budget held at once).
+    ``candidates`` (auto) has one dict per tier tried: precision, accuracy, within_budget,
+    latency_ratio, noise, verdict.
+    """
+
+    model_path: Path
+    precision: str
+    excluded_nodes: list[str]
+    sensitivity: list[tuple[str, float]]
+    accuracy: dict[str, float]
+    notes: list[str]
+    candidates: list[dict]
+    max_cosine_drop: float = 0.0
+    within_budget: bool = True
+    summary: str = ""
+    accuracy_details: dict[str, dict] = field(default_factory=dict)
+    isa: str = ""
+    quantized_nodes: int = 0
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["model_path"] = str(self.model_path)
+        data["sensitivity"] = [[n, round(v, 2)] for n, v in self.sensitivity[:10]]
+        return data
+
+
+def quantize_model(
+    fp32_path: Path,
+    out_path: Path,
+    options: QuantizeOptions,
+    *,
+    reference_feeds: list[dict[str, np.ndarray]],
+    calibration_feeds: list[dict[str, np.ndarray]] | None = None,
+) -> QuantizeResult:
+    """Lower ``fp32_path`` to ``options.precision`` and write it to ``out_path``.
+
+    The result is written even when it misses the budget (``within_budget`` False, and
+    ``summary`` says by how much): the caller decides whether that fails the run.
+
+    Raises:
+        ValueError: an option the model cannot satisfy (gptq without data, opset that cannot
+            be raised).
+    """
+    fp32_path, out_path = Path(fp32_path), Path(out_path)
+    if not reference_feeds:
+        raise ValueError("quantize_model needs at least one reference input set")
+    if options.precision == "auto":
+        return _auto(fp32_path, out_path, options, reference_feeds, calibration_feeds)
+    with tempfile.TemporaryDirectory(prefix="ovo-quant-") as tmp:
+        return _quantize_tier(
+            fp32_path,
+            out_path,
+            options,
+            options.precision,
+            reference_feeds,
+            calibration_feeds,
+            Path(tmp),
+        )
+
+
+def _write(model: onnx.ModelProto, path: Path) -> None:
+    """Atomic save; external data beside the model when over 2 GB."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-quant-", suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    try:
+        large = model.ByteSize() > 2**31 - 1
+    except Exception:
+        large = True
+    if large:
+        data = path.name + ".data"
+        onnx.save(model, tmp, save_as_external_data=True, location=data)
+    else:
+        onnx.save(model, tmp)
+    os.replace(tmp, path)
+
+
+def _name_nodes(model: onnx.ModelProto) -> int:
+    """Give every unnamed node a unique name (ORT's exclusion lists work by name)."""
+    taken = {n.name for n in model.graph.node if n.name}
+    count = 0
+    for index, node in enumerate(model.graph.node):
+        if node.name:
+            continue
+        name = f"{node.op_type}_{index}"
+        while name in taken:
+            name += "_"
+        node.name = name
+        taken.add(name)
+        count += 1
+    return count
+
+
+def _prepare(model: onnx.ModelProto, tier: str, options: QuantizeOptions, notes: list[str]):
+    model, lifted = preprocess.lift_constants(model)
+    if lifted:
+        notes.append(
+            f"{lifted} Constant node(s) lifted to initializers (ORT's quantizer finds weights "
+            "and biases only among initializers)"
+        )
+    if tier == "int4":
+        model, lowered = preprocess.lower_gemm_to_matmul(model)
+        if lowered:
+            notes.append(
+                f"{lowered} Gemm node(s) lowered to MatMul + Add so int4 can quantize their "
+                "weights (MatMulNBits replaces MatMul only)"
+            )
+    if _name_nodes(model):
+        notes.append("unnamed nodes were given names so they can be excluded by name")
+    if tier.startswith("int8"):
+        try:
+            model, note = preprocess.raise_opset(model)
+        except ValueError:
+            if options.per_channel or tier == "int8-static":
+                raise
+            note = ""
+        if note:
+            notes.append(note)
+    if tier in ("int8-dynamic", "int8-static"):
+        model, note = preprocess.infer_shapes(model)
+        if note:
+            notes.append(note)
+    return model
+
+
+def _calibration_sources(
+    model: onnx.ModelProto,
+    options: QuantizeOptions,
+    calibration_feeds,
+    notes: list[str],
+) -> list[calibration.Source]:
+    if calibration_feeds:
+        return list(calibration_feeds)
+    if options.calibration is not None:
+        return calibration.load_sources(options.calibration)
+    notes.append(calibration.GENERATED_NOTE)
+    logger.warning(calibration.GENERATED_NOTE)
+    return calibration.generated_sources(model)
+
+
+def _quantize_tier(
+    fp32_path: Path,
+    out_path: Path,
+    options: QuantizeOptions,
+    tier: str,
+    reference_feeds,
+    calibration_feeds,
+    tmp: Path,
+) -> QuantizeResult:
+    notes: list[str] = []
+    budget = options.budget(tier)
+    if tier == "fp32":
+        model = onnx.load(str(fp32_path))
+        _write(model, out_path)
+        return QuantizeResult(
+            out_path,
+            "fp32",
+            [],
+            [],
+            {o.name: 1.0 for o in model.graph.output},
+            notes,
+            [],
+            max_cosine_drop=0.0,
+            summary="fp32: unchanged",
+        )
+    original = onnx.load(str(fp32_path))
+    model = _prepare(original, tier, options, notes)
+    prepared = tmp / "prepared.onnx"
+    _write(model, prepared)
+    isa = choose_int8_types()
+    activation_type = (
+        isa.activation_type if options.activation_type == "auto" else options.activation_type
+    )
+    reduce_range = isa.reduce_range if options.activation_type == "auto" else False
+    if tier.startswith("int8"):
+        notes.append(
+            f"int8 types from the CPU ({isa.isa}): activations {activation_type}, weights int8"
+            + (" with 7-bit range" if reduce_range else "")
+            + f" ({isa.reason})"
+        )
+    if tier == "fp16" and options.device == "cpu":
+        notes.append(FP16_CPU_WARNING)
+        logger.warning(FP16_CPU_WARNING)
+    static = tier == "int8-static"
+    op_types = tiers.default_op_types(model, static, options.exclude_op_types)
+    if tier == "int4":
+        op_types = ["MatMul"]
+    scheme = guard.Scheme(
+        tier=tier,
+        per_channel=options.per_channel,
+        reduce_range=reduce_range,
+        symmetric_weights=options.symmetric_weights,
+        block_size=options.int4_block_size,
+    )
+
+    reader_factory = None
+    cache_path = None
+    if static or (tier == "int4" and options.int4_algorithm == "gptq"):
+        sources = _calibration_sources(model, options, calibration_feeds, notes)
+        dtypes = calibration.input_dtypes(model)
+
+        def reader_factory(label: str | None = "calibrating") -> calibration.FeedsReader:
+            return calibration.FeedsReader(sources, dtypes, label)
+
+        if static:
+            cache_dir = options.cache_dir or tmp
+            cache_path = calibration.cache_file(
+                cache_dir,
+                calibration.model_digest(model),
+                options.calibration_method,
+                calibration.digest(sources),
+                ",".join(op_types),
+            )
+            if cache_path.exists():
+                notes.append(f"calibration ranges from cache {cache_path.name}")
+            else:
+                calib_model = prepared
+                if options.calibration_method in ("entropy", "percentile"):
+                    clamped, names = preprocess.clamp_mask_constants(model)
+                    if names:
+                        calib_model = tmp / "calibration.onnx"
+                        _write(clamped, calib_model)
+                        notes.append(
+                            f"{len(names)} mask constant(s) (+-inf / |x| >= 1e30: "
+                            f"{', '.join(names[:3])}) clamped to +-1e4 for histogram "
+                            "calibration only; the model keeps its constants"
+                        )
+                tiers.calibrate(
+                    calib_model,
+                    cache_path,
+                    reader_factory(),
+                    method=options.calibration_method,
+                    op_types=op_types,
+                )
+
+    counter = iter(range(10_000))
+
+    def make(excluded: list[str]) -> Path:
+        target = tmp / f"candidate-{next(counter)}.onnx"
+        if tier == "int8-dynamic":
+            tiers.int8_dynamic(
+                prepared,
+                target,
+                op_types=op_types,
+                per_channel=options.per_channel,
+                reduce_range=reduce_range,
+                symmetric_weights=options.symmetric_weights,
+                exclude_nodes=excluded,
+            )
+        elif tier == "int8-static":
+            tiers.int8_static(
+                prepared,
+                target,
+                cache_path=cache_path,
+                method=options.calibration_method,
+                op_types=op_types,
+                per_channel=options.per_channel,
+                reduce_range=reduce_range,
+                activation_type=activation_type,
+                symmetric_weights=options.symmetric_weights,
+                exclude_nodes=excluded,
+                quant_format=options.quant_format,
+            )
+        elif tier == "fp16":
+            converted, removed = tiers.fp16(
+                onnx.load(str(prepared)),
+                keep_io_types=options.fp16_keep_io_types,
+                op_block_list=[*options.fp16_op_block_list, *options.exclude_op_types],
+                node_block_list=excluded,
+            )
+            if removed and not any("Cast pair" in n for n in notes):
+                notes.append(f"removed {removed} redundant Cast pair(s) (fp16 -> fp32 -> fp16)")
+            _write(converted, target)
+        elif tier == "int4":
+            reader = reader_factory(None) if reader_factory is not None else None
+            lowered = tiers.int4(
+                onnx.load(str(prepared)),
+                block_size=options.int4_block_size,
+                algorithm=options.int4_algorithm,
+                symmetric=options.symmetric_weights,
+                exclude_nodes=excluded,
+                reader=reader,
+            )
+            _write(lowered, target)
+        else:  # pragma: no cover - validated in QuantizeOptions
+            raise ValueError(tier)
+        return target
+
+    evaluator = guard.Evaluator(str(prepared), reference_feeds)
+    excluded = list(options.exclude_nodes)
+    candidate = make(excluded)
+    accuracy = evaluator.measure(str(candidate))
+    first_accuracy = accuracy
+    lowered = onnx.load(str(candidate), load_external_data=False)
+    if tier == "fp16":
+        quantized = [
+            n.name
+            for n in model.graph.node
+            if n.name not in excluded and n.op_type not in options.exclude_op_types
+        ]
+    else:
+        quantized = guard.quantized_nodes(model, lowered, set(op_types))
+    if tier == "int4":
+        matmuls = sum(1 for n in model.graph.node if n.op_type == "MatMul")
+        notes.append(f"int4: {len(quantized)} of {matmuls} MatMul node(s) became MatMulNBits")
+    ranking: list[tuple[str, float]] = []
+    auto_excluded: list[str] = []
+    if not accuracy.within(budget) and quantized:
+        lowered_full = onnx.load(str(candidate)) if static else None
+        ranking = guard.sensitivity(model, lowered_full, quantized, reference_feeds, scheme)
+        limit = max(1, int(len(ranking) * MAX_EXCLUDED_FRACTION))
+        schedule = _schedule(min(len(ranking), limit))
+        for count in schedule:
+            auto_excluded = [name for name, _ in ranking[:count]]
+            candidate = make(excluded + auto_excluded)
+            accuracy = evaluator.measure(str(candidate))
+            logger.info("guard: %d node(s) kept float -> %s", count, accuracy.summary(budget))
+            if accuracy.within(budget):
+                break
+        notes.append(
+            f"accuracy guard: {first_accuracy.summary(budget)} with every node quantized; "
+            f"kept {len(auto_excluded)} of {len(quantized)} quantized node(s) in float "
+            f"(lowest SQNR first) -> {accuracy.summary(budget)}"
+        )
+        if not accuracy.within(budget):
+            notes.append(
+                f"accuracy guard gave up: keeping more than {MAX_EXCLUDED_FRACTION:.0%} of "
+                "the quantized nodes in float would make the tier pointless"
+            )
+    ok = accuracy.within(budget)
+    final = onnx.load(str(candidate))
+    _write(final, out_path)
+    return QuantizeResult(
+        model_path=out_path,
+        precision=tier,
+        excluded_nodes=excluded + auto_excluded,
+        sensitivity=ranking,
+        accuracy=accuracy.flat(),
+        notes=notes,
+        candidates=[],
+        max_cosine_drop=budget,
+        within_budget=ok,
+        summary=f"{tier}: {accuracy.summary(budget)}",
+        accuracy_details=accuracy.to_dict(),
+        isa=isa.isa,
+        quantized_nodes=len(quantized) - len(auto_excluded),
+    )
+
+
+def _schedule(total: int) -> list[int]:
+    """How many of the worst nodes to keep float at each guard round: 1, 2, 3, 5, 8, ..."""
+    counts, count = [], 1
+    while count < total and len(counts) < MAX_GUARD_ROUNDS - 1:
+        counts.append(count)
+        count = max(count + 1, int(count * 1.6))
+    counts.append(total)
+    return counts
+
+
+def _auto_tiers(options: QuantizeOptions, calibrated: bool) -> list[tuple[str, QuantizeOptions]]:
+    """The candidates ``auto`` builds, each measured for accuracy and latency against fp32."""
+    tried = [("int8-dynamic", dataclasses.replace(options, precision="int8-dynamic"))]
+    if calibrated:
+        for fmt in ("qdq", "qoperator"):
+            tried.append(
+                (
+                    f"int8-static-{fmt}",
+                    dataclasses.replace(options, precision="int8-static", quant_format=fmt),
+                )
+            )
+    # int4 weight-only is only worth it where its MatMulNBits kernels are fast (decoders with
+    # big weights); HQQ int4 measured 3.5x SLOWER than fp32 on CPU, so it is a candidate like
+    # any other: built, measured, and chosen only when faster within budget.
+    tried.append(("int4", dataclasses.replace(options, precision="int4")))
+    if options.device == "cuda":
+        tried.append(("fp16", dataclasses.replace(options, precision="fp16")))
+    return tried
+
+
+def _auto(fp32_path, out_path, options, reference_feeds, calibration_feeds) -> QuantizeResult:
+    """Try each tier that fits the device; keep the fastest within budget (fp32 otherwise).
+
+    Every candidate that could be built is measured twice against fp32: accuracy on the
+    reference inputs (with its own budget and the guard) and latency, interleaved with fp32
+    (``compare_latency``). ``candidates`` records for each: precision, accuracy,
+    within_budget, latency_ratio (candidate / fp32 time), noise and verdict ("faster",
+    "same", "slower", or "over budget" / "failed"); the fp32 baseline is listed first with
+    ratio 1.0. The chosen model is the within-budget candidate with the lowest latency ratio
+    among those measured "faster" (faster beyond the measurement noise); fp32 when none is.
+    The chosen entry has ``chosen: True``.
+    """
+    import onnx_ir as ir
+
+    from pipeline.runtime.timing import compare_latency
+
+    calibrated = bool(calibration_feeds) or options.calibration is not None
+    tried = _auto_tiers(options, calibrated)
+    notes = [] if calibrated else ["auto: int8-static not tried (no calibration data)"]
+    candidates: list[dict] = [
+        {"precision": "fp32", "within_budget": True, "latency_ratio": 1.0, "verdict": "baseline"}
+    ]
+    best: tuple[float, QuantizeResult, Path, dict] | None = None
+    fp32_ir = ir.load(fp32_path)
+    with tempfile.TemporaryDirectory(prefix="ovo-quant-auto-") as tmp_root:
+        for index, (label, tier_options) in enumerate(tried):
+            work = Path(tmp_root) / str(index)
+            work.mkdir()
+            path = work / "model.onnx"
+            entry: dict = {"precision": label}
+            try:
+                result = _quantize_tier(
+                    fp32_path,
+                    path,
+                    tier_options,
+                    tier_options.precision,
+                    reference_feeds,
+                    calibration_feeds,
+                    work,
+                )
+                entry.update(
+                    accuracy=result.accuracy,
+                    within_budget=result.within_budget,
+                    max_cosine_drop=result.max_cosine_drop,
+                    excluded_nodes=len(result.excluded_nodes),
+                    quantized_nodes=result.quantized_nodes,
+                    summary=result.summary,
+                )
+                if result.quantized_nodes == 0:
+                    entry.update(verdict="nothing quantized")
+                    candidates.append(entry)
+                    continue
+                latency = compare_latency(
+                    fp32_ir, ir.load(path), reference_feeds[0], rounds=options.latency_rounds
+                )
+            except Exception as exc:  # a tier that cannot be built is a candidate that lost
+                entry.update(verdict="failed", reason=" ".join(str(exc).split())[:300])
+                candidates.append(entry)
+                continue
+            entry.update(latency_ratio=latency.ratio, noise=latency.noise)
+            entry["verdict"] = latency.verdict if result.within_budget else "over budget"
+            if (
+                result.within_budget
+                and latency.verdict == "faster"
+                and (best is None or latency.ratio < best[0])
+            ):
+                keep = Path(tmp_root) / f"best-{index}.onnx"
+                shutil.copyfile(path, keep)
+                best = (latency.ratio, result, keep, entry)
+            candidates.append(entry)
+        if best is None:
+            chosen = _quantize_tier(
+                fp32_path, out_path, options, "fp32", reference_feeds, None, Path(tmp_root)
+            )
+            chosen.notes.append("auto: no candidate was both within budget and faster; fp32 kept")
+            candidates[0]["chosen"] = True
+        else:
+            ratio, chosen, keep, entry = best
+            _write(onnx.load(str(keep)), out_path)
+            chosen.model_path = out_path
+            chosen.notes.append(f"auto: chose {entry['precision']} ({ratio:.2f}x fp32 latency)")
+            entry["chosen"] = True
+    chosen.notes[:0] = notes
+    chosen.candidates = candidates
+    return chosen
+
+
+def run_stage(
+    optimized, options: QuantizeOptions, sets: list[dict], reference: list[dict] | None
+) -> tuple[object, dict]:
+    """The pipeline's quantize stage: lower the verified fp32 model, check it against the
+    ORIGINAL model's reference outputs with the tier's cosine budget.
+
+    Args:
+        optimized: The fp32 ``onnx_ir.Model`` after the verified graph passes.
+        options: The quantization options (precision != fp32).
+        sets: The verification input sets (also the guard's reference feeds).
+        reference: The original model's outputs on ``sets``.
+
+    Returns:
+        The lowered ``onnx_ir.Model`` and the report's ``quantization`` section; its
+        ``final_check.passed`` is False when the budget is missed, and the caller fails the
+        run with ``stage_failure(section)``.
+
+    Raises:
+        UserError: the model cannot be run (nothing to measure the budget on) or an option
+            does not fit the model.
+    """
+    import onnx_ir as ir
+
+    from pipeline.runtime.errors import UserError
+
+    if reference is None:
+        raise UserError(
+            f"--precision {options.precision} needs a model ONNX Runtime can run: the budget "
+            "is measured, never assumed"
+        )
+    with tempfile.TemporaryDirectory(prefix="ovo-quant-stage-") as tmp:
+        fp32_path = Path(tmp) / "fp32.onnx"
+        out_path = Path(tmp) / "quantized.onnx"
+        ir.save(optimized, fp32_path)
+        try:
+            result = quantize_model(fp32_path, out_path, options, reference_feeds=sets)
+        except ValueError as exc:
+            raise UserError(f"quantize {options.precision}: {exc}") from exc
+        section = result.to_dict()
+        section.pop("model_path", None)
+        lowered = ir.load(out_path)
+        # Materialize the weights before the temporary folder goes away.
+        for graph in lowered.graphs():
+            for value in graph.initializers.values():
+                if value.const_value is not None and not isinstance(value.const_value, ir.Tensor):
+                    value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
+        sess = guard.session(str(out_path), "all")
+        outputs = [guard.run(sess, feeds) for feeds in sets]
+    budget = result.max_cosine_drop
+    final = guard.accuracy_of(reference, outputs, sets)
+    section["final_check"] = {
+        "against": "original model (reference outputs)",
+        "max_cosine_drop": budget,
+        "passed": final.within(budget),
+        "summary": final.summary(budget),
+        "outputs": final.to_dict(),
+    }
+    return lowered, section
+
+
+def stage_failure(section: dict) -> str | None:
+    """The one-line failure of a quantize stage ("quantize int8-dynamic: mean cosine 0.981
+    < 0.995 on 'out'"), or None when its final check passed."""
+    check = section.get("final_check") or {}
+    if check.get("passed", False):
+        return None
+    return f"quantize {section.get('precision')}: {check.get('summary', 'not verified')}"

@@ -1,0 +1,188 @@
+"""ONNX Runtime sessions over in-memory onnx-ir models.
+
+Creating a session is a visible, timed step (Polygraphy's runner idea). A model is handed to
+ONNX Runtime as bytes when all its tensor data is in memory; when some initializers live in
+external files, the model is written beside those files (see ``model_on_disk``), so a
+multi-GB model is never copied or serialized as one protobuf.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from pipeline.runtime import opaque_types
+
+logger = logging.getLogger(__name__)
+
+Feeds = dict[str, np.ndarray]
+Outputs = dict[str, object]  # numpy arrays, or lists/dicts for sequence and map outputs
+
+OPT_LEVELS = {
+    "disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclass
+class Session:
+    """An ONNX Runtime session plus how long it took to create."""
+
+    inner: ort.InferenceSession
+    create_seconds: float
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.inner.get_outputs()]
+
+    def run(self, feeds: Feeds) -> Outputs:
+        """Run once; feeds the model does not take are dropped (user data may carry extras)."""
+        wanted = {i.name for i in self.inner.get_inputs()}
+        results = self.inner.run(None, {k: v for k, v in feeds.items() if k in wanted})
+        return dict(zip(self.output_names, results, strict=True))
+
+
+def has_external_tensors(model: ir.Model) -> bool:
+    return any(
+        isinstance(v.const_value, ir.ExternalTensor)
+        for g in model.graphs()
+        for v in g.initializers.values()
+    )
+
+
+def _external_folders(model: ir.Model) -> set[Path]:
+    return {
+        Path(v.const_value.base_dir).resolve()
+        for g in model.graphs()
+        for v in g.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor)
+    }
+
+
+@contextlib.contextmanager
+def model_on_disk(model: ir.Model) -> Iterator[Path]:
+    """Yield a path to a loadable copy of ``model``; external data is never copied if avoidable.
+
+    ONNX Runtime resolves external data relative to the model file and refuses paths that
+    leave the model's folder, symbolic links included. So the model is written as a hidden
+    temporary file INTO the folder that holds its external data (the data files are then
+    found as they are), and removed afterwards. Where that folder is not writable, a scratch
+    folder gets hard links to the data files, or copies as a last resort.
+    """
+    proto = opaque_types.to_proto(model)
+    folders = _external_folders(model)
+    small = proto.ByteSize() < 1_900_000_000
+    if small and len(folders) == 1 and os.access(next(iter(folders)), os.W_OK):
+        folder = next(iter(folders))
+        _remove_stale_temp_models(folder)
+        fd, name = tempfile.mkstemp(prefix=_temp_prefix(), suffix=".onnx", dir=folder)
+        path = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(proto.SerializeToString())
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+        return
+    scratch = Path(tempfile.mkdtemp(prefix="ovo-run-"))
+    try:
+        for graph in model.graphs():
+            for value in graph.initializers.values():
+                if isinstance(value.const_value, ir.ExternalTensor):
+                    _link_external_file(value.const_value, scratch)
+        path = scratch / "model.onnx"
+        if small:
+            path.write_bytes(proto.SerializeToString())
+        else:
+            ir.save(model, path, external_data="model.onnx.data")
+        yield path
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+# Temporary models written beside the user's external data are named
+# ``.ovo-run-<host>-<pid>-<random>.onnx``: a process killed while ONNX Runtime loads one
+# cannot remove it, so the next run in that folder removes those whose process is gone.
+_TEMP_PREFIX = ".ovo-run-"
+
+
+def _temp_prefix() -> str:
+    return f"{_TEMP_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+
+
+def _remove_stale_temp_models(folder: Path) -> None:
+    """Delete temporary models left in ``folder`` by killed runs on this host."""
+    host = socket.gethostname()
+    for path in folder.glob(f"{_TEMP_PREFIX}*.onnx"):
+        owner, _, rest = path.name[len(_TEMP_PREFIX) :].rpartition("-")
+        found_host, _, pid = owner.rpartition("-")
+        if found_host != host or not pid.isdigit() or not rest or _alive(int(pid)):
+            continue
+        logger.info("removing %s, left by a killed run", path)
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _link_external_file(tensor: ir.ExternalTensor, scratch: Path) -> None:
+    source = (Path(tensor.base_dir) / tensor.location).resolve()
+    link = scratch / tensor.location
+    if link.exists():
+        return
+    link.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, link)
+    except OSError:
+        shutil.copyfile(source, link)
+
+
+def create_session(
+    model: ir.Model,
+    *,
+    optimization: str = "disable_all",
+    providers: list[str] | None = None,
+    intra_op_threads: int | None = None,
+) -> Session:
+    """Create an ONNX Runtime session for ``model`` (CPU unless providers are given)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = OPT_LEVELS[optimization]
+    options.log_severity_level = 3
+    if intra_op_threads is not None:
+        options.intra_op_num_threads = intra_op_threads
+    providers = providers or ["CPUExecutionProvider"]
+    start = time.perf_counter()
+    if has_external_tensors(model):
+        with model_on_disk(model) as path:
+            inner = ort.InferenceSession(str(path), options, providers=providers)
+    else:
+        inner = ort.InferenceSession(
+            opaque_types.to_proto(model).SerializeToString(), options, providers=providers
+        )
+    return Session(inner, time.perf_counter() - start)
+
+
+def run_all(session: Session, input_sets: list[Feeds]) -> list[Outputs]:
+    """Run the session on every input set, in order."""
+    return [session.run(feeds) for feeds in input_sets]
