@@ -64,8 +64,8 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from graph_passes.registry import REGISTRY  # noqa: E402
 from graph_passes.base import GraphPass  # noqa: E402
+from graph_passes.registry import REGISTRY  # noqa: E402
 from graph_passes.testing.helpers import AddToSub  # noqa: E402
 from pipeline.recipe import Recipe, load_recipe  # noqa: E402
 from pipeline.report import Report, versions, write_report  # noqa: E402
