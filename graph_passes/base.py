@@ -21,6 +21,9 @@ class GraphPass(ir.passes.InPlacePass):
     """Base class of our passes; subclasses implement ``call`` and set ``matches``."""
 
     name: ClassVar[str] = ""
+    # Passes that must come before this one when a recipe has both (recipes are checked
+    # against these on load): e.g. remove_dead collects what the others left behind.
+    runs_after: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, target: Target | None = None) -> None:
         super().__init__()

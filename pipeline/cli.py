@@ -287,7 +287,7 @@ def optimize(
 
     Exit codes: 0 ok, 1 verification failed, 2 bad input or usage, 3 internal error.
     """
-    from graph_passes.registry import REGISTRY
+    from graph_passes.registry import FUSIONS_GROUP, REGISTRY, default_fusions
     from pipeline.recipe import bundled_recipe_names, load_recipe
     from pipeline.run import RunOptions, run
     from pipeline.runtime import inputs as inputs_mod
@@ -299,6 +299,7 @@ def optimize(
         for name, cls in sorted(REGISTRY.items()):
             doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
             typer.echo(f"{name:<34} {doc}")
+        typer.echo(f"{FUSIONS_GROUP} (recipe entry): " + ", ".join(default_fusions()))
         typer.echo("recipes: " + ", ".join(bundled_recipe_names()))
         raise typer.Exit(0)
     sink: list[Report] = []

@@ -15,36 +15,24 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from graph_passes.registry import REGISTRY
+from graph_passes.registry import FUSIONS_GROUP, REGISTRY, default_fusions, order_rules
 from graph_passes.target.targets import TARGETS
 from pipeline.runtime.errors import UserError
 
 VERIFY_MODES = ("per-pass", "end", "auto")
 MAX_OPSET = 23  # the newest default-domain opset ONNX Runtime 1.31 runs
 
-# (earlier, later): when a recipe has both, ``earlier`` must come first. fold_shapes turns
-# Shape ops into constants that fold_constants then folds in the same iteration; remove_dead
-# collects what every other pass left behind.
-ORDER_RULES: tuple[tuple[str, str], ...] = (
-    ("fold_shapes", "fold_constants"),
-    ("fold_constants", "remove_dead"),
-    ("remove_noops", "remove_dead"),
-    ("eliminate_common_subexpressions", "remove_dead"),
-    ("merge_duplicate_initializers", "remove_dead"),
-    # A raised opset is what lets the standard fused ops (LayerNormalization 17, Gelu 20,
-    # Attention 23) be emitted; the attention matchers need the residual Add/LayerNorm and
-    # the Q/K/V bias Adds that the skip and bias fusions would otherwise take; BiasGelu
-    # folds a bias into a Gelu that fuse_gelu made.
-    ("raise_opset", "fuse_layer_norm"),
-    ("raise_opset", "fuse_attention"),
-    ("raise_opset", "fuse_gelu"),
-    ("fuse_attention", "fuse_skip_layer_norm"),
-    ("fuse_attention", "fuse_bias_gelu"),
-    ("fuse_decoder_attention", "fuse_skip_layer_norm"),
-    ("fuse_gelu", "fuse_bias_gelu"),
-    ("fuse_activation_chains", "fuse_hard_swish"),  # HardSwish matches Clip(0, 6) whole
-    ("fuse_embed_layer_norm", "fuse_skip_layer_norm"),
-)
+# (earlier, later): when a recipe has both, ``earlier`` must come first. Each pass states its
+# own (``runs_after``); this is every such fact together.
+ORDER_RULES: tuple[tuple[str, str], ...] = order_rules()
+
+
+def expand_passes(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """``names`` with the ``"fusions"`` entry replaced by every default fusion, in order."""
+    expanded: list[str] = []
+    for name in names:
+        expanded.extend(default_fusions() if name == FUSIONS_GROUP else (name,))
+    return tuple(expanded)
 
 
 @dataclass(frozen=True)
@@ -64,7 +52,7 @@ class SpeedSettings:
     rounds: int = 15
     max_slowdown: float = 0.05
     # Time each contrib fusion against the nodes it replaces on this CPU and leave it out
-    # where the fused kernel is slower (graph_passes/kernel_timing.py; cpu target only).
+    # where the fused kernel is slower (graph_passes/target/kernel_timing.py; cpu target only).
     time_kernels: bool = True
 
 
@@ -101,7 +89,7 @@ class Recipe:
         raise_opset_to: int | None = None,
     ) -> Recipe:
         """A copy with CLI overrides applied (and validated again)."""
-        chosen = tuple(passes) if passes is not None else self.passes
+        chosen = expand_passes(passes) if passes is not None else self.passes
         skip = set(skip_passes or ())
         unknown = sorted(skip - set(REGISTRY))
         if unknown:
@@ -133,7 +121,8 @@ def _validate(recipe: Recipe) -> None:
     if unknown:
         raise UserError(
             f"{where}: unknown pass(es) {', '.join(unknown)}; "
-            f"known passes: {', '.join(sorted(REGISTRY))}"
+            f"known passes: {', '.join(sorted(REGISTRY))} "
+            f"(and '{FUSIONS_GROUP}': every default fusion)"
         )
     duplicates = sorted({p for p in recipe.passes if recipe.passes.count(p) > 1})
     if duplicates:
@@ -197,7 +186,7 @@ def parse_recipe(data: dict, source: str) -> Recipe:
         raise UserError(f"{source}: 'target' must be a string and 'raise_opset_to' an integer")
     return Recipe(
         name=name,
-        passes=tuple(passes),
+        passes=expand_passes(passes),
         description=str(data.get("description", "")),
         max_iterations=iterations,
         target=target,

@@ -1,5 +1,6 @@
-"""graph_passes/kernel_timing.py and Target.measure_rewrite: a fused form is timed against the
-nodes it replaces, declined only when measured slower, and each fusion pass respects that.
+"""graph_passes/target/kernel_timing.py and Target.measure_rewrite: a fused form is timed
+against the nodes it replaces, declined only when measured slower, and each fusion pass
+respects that.
 
 The real measurements here use forms whose costs differ by orders of magnitude (a Relu
 against a chain of 256x256 MatMuls), so their verdicts do not depend on machine noise. The
@@ -75,9 +76,9 @@ def measured(monkeypatch, tmp_path) -> list:
     calls: list = []
     real = kernel_timing._measure
 
-    def counting(original, candidate, threads):
+    def counting(original, candidate, threads, shadows):
         calls.append(candidate.signature)
-        return real(original, candidate, threads)
+        return real(original, candidate, threads, shadows)
 
     monkeypatch.setattr(kernel_timing, "_measure", counting)
     return calls
@@ -299,7 +300,7 @@ def slower(monkeypatch, tmp_path):
     monkeypatch.setenv("OVO_CACHE_DIR", str(tmp_path))
     ratios: dict[str, float] = {}
 
-    def fake(original, candidate, threads):
+    def fake(original, candidate, threads, shadows):
         for op, ratio in ratios.items():
             if f"|{op}[" in "|" + candidate.signature:
                 return ratio, 9, kernel_timing._verdict([ratio] * 9)
@@ -453,3 +454,27 @@ def test_declined_fusions_are_explained_not_warned() -> None:
 def test_kernel_timing_rows_count_the_patterns_each_measurement_decided() -> None:
     rows = kernel_timing_rows([_check("slower")] * 3 + [_check("same", 1.0)])
     assert [(r["verdict"], r["patterns"]) for r in rows] == [("slower", 3), ("same", 1)]
+
+
+@pytest.mark.parametrize("fusion", [FuseGelu, FuseBiasGelu, FuseSkipLayerNorm])
+def test_the_original_side_runs_without_the_ort_fusions_the_fusion_shadows(
+    monkeypatch, tmp_path, fusion
+) -> None:
+    """The unfused side is timed as it really runs: with the ORT transformers that would
+    build the same fused op turned off, as the fusion declares in ``shadows``."""
+    monkeypatch.setenv("OVO_CACHE_DIR", str(tmp_path))
+    seen: list = []
+
+    def fake(original, candidate, threads, shadows):
+        seen.append(tuple(shadows))
+        return 0.8, 9, "faster"
+
+    monkeypatch.setattr(kernel_timing, "_measure", fake)
+    text = {
+        FuseGelu: ERF_GELU.format(opset=20),
+        FuseBiasGelu: BIAS_GELU,
+        FuseSkipLayerNorm: SKIP_LN,
+    }[fusion]
+    apply_pass(fusion(Target("cpu", time_kernels=True)), model_from_text(text))
+    assert seen and set(seen) == {fusion.shadows}
+    assert fusion.shadows  # each of these has an ORT counterpart

@@ -157,7 +157,7 @@ def optimize_kind(folder: Path, name: str) -> KindRun:
     """Build ``name`` in ``folder``; optimize it, then (in parallel) once more and its output
     again. The second run comes after the first as a user's would: kernel-timing verdicts
     are measurements, and the timing store the first run filled is what makes the second
-    write the same file (graph_passes/timing_store.py)."""
+    write the same file (graph_passes/target/timing_store.py)."""
     kind = ALL_KINDS[name]
     folder.mkdir(parents=True, exist_ok=True)
     source = folder / f"{name}.onnx"

@@ -41,19 +41,25 @@ def test_portable_target_never_accepts_contrib_ops():
     assert not Target("portable").supports(node)
 
 
-def test_cuda_target_needs_a_listed_cuda_kernel():
-    # FastGelu has CPU and CUDA kernels; a made-up op has neither.
-    assert Target("cuda").supports(_contrib("FastGelu", [F32, F32]))
-    assert not Target("cuda").supports(_contrib("NoSuchFusedOp", [F32]))
+def test_cuda_target_needs_a_cuda_kernel_the_fusion_declares():
+    # FastGelu has CPU and CUDA kernels; a contrib op fuse_gelu does not declare for CUDA
+    # (it has a CPU kernel) and a made-up op are refused.
+    gelu = create_pass("fuse_gelu", Target("cuda"))
+    assert gelu.can_emit(_contrib("FastGelu", [F32, F32]))
+    assert not gelu.can_emit(_contrib("SkipLayerNormalization", [F32] * 3))
+    assert not gelu.can_emit(_contrib("NoSuchFusedOp", [F32]))
+    assert create_pass("fuse_gelu", Target("cpu")).can_emit(_contrib("FastGelu", [F32, F32]))
 
 
-def test_standard_fused_ops_need_their_opset():
-    target = Target("portable")
-    assert not target.allows_standard("LayerNormalization", 16)
-    assert target.allows_standard("LayerNormalization", 17)
-    assert not target.allows_standard("Gelu", 19)
-    assert target.allows_standard("Gelu", 20)
-    assert not target.allows_standard("Attention", 22)
+@pytest.mark.parametrize(
+    "fusion, op_type, opset",
+    [("fuse_layer_norm", "LayerNormalization", 17), ("fuse_gelu", "Gelu", 20)]
+    + [("fuse_attention", "Attention", 23), ("fuse_rms_norm", "RMSNormalization", 23)],
+)
+def test_standard_fused_ops_need_their_opset(fusion, op_type, opset):
+    fuse = create_pass(fusion, Target("portable"))
+    assert not fuse.can_emit_standard(op_type, opset - 1)
+    assert fuse.can_emit_standard(op_type, opset)
 
 
 def test_unknown_target_is_rejected():

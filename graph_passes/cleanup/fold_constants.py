@@ -3,9 +3,10 @@
 Every standard-domain node whose inputs are all true constants (initializers that are not
 graph inputs, ``Constant`` outputs) or outputs of other such nodes is evaluated, the whole
 constant subgraph in ONE ONNX Runtime session (CPU, optimizations off; node by node only
-when that fails, see ``_constant_eval``). Each "frontier" value (one read by a node that is
-not folded, by a subgraph, or a graph output) becomes a new initializer, and folded nodes
-left without uses are removed (constants they read are left for ``remove_dead``).
+when that fails, see graph_passes/constant_eval.py). Each "frontier" value (one read by a
+node that is not folded, by a subgraph, or a graph output) becomes a new initializer, and
+folded nodes left without uses are removed (constants they read are left for
+``remove_dead``).
 
 What is never folded, and why:
 
@@ -35,8 +36,8 @@ import math
 
 import onnx_ir as ir
 
+from graph_passes import constant_eval
 from graph_passes.base import NON_DETERMINISTIC_OPS, GraphPass, constant_tensor, is_standard
-from graph_passes.cleanup import constant_eval as _constant_eval
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class FoldConstants(GraphPass):
     """
 
     name = "fold_constants"
+    # fold_shapes turns Shape ops into constants this pass folds in the same iteration
+    runs_after = ("fold_shapes",)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.matches = 0
@@ -85,7 +88,7 @@ def _fold_graph(graph: ir.Graph, model: ir.Model, names: set[str]) -> int:
     if not frontier:
         return 0
     try:
-        tensors = _constant_eval.evaluate(nodes, frontier, model, constants)
+        tensors = constant_eval.evaluate(nodes, frontier, model, constants)
     except Exception as exc:
         logger.debug(
             "one session for %d constant nodes of graph %r failed (%s); evaluating node by node",
@@ -93,7 +96,7 @@ def _fold_graph(graph: ir.Graph, model: ir.Model, names: set[str]) -> int:
             graph.name,
             " ".join(str(exc).split())[:300],
         )
-        tensors = _constant_eval.evaluate_each(nodes, model, constants)
+        tensors = constant_eval.evaluate_each(nodes, model, constants)
         nodes = [n for n in nodes if all(v in tensors for v in _needed(n))]
         frontier = _frontier(nodes)
     accepted = _size_guard(frontier, tensors, cones, constants, set(nodes))

@@ -22,7 +22,7 @@ import onnx.version_converter
 import onnx_ir as ir
 
 from graph_passes.base import GraphPass
-from graph_passes.fusions.gelu import opset_of
+from graph_passes.match import opset_of
 
 logger = logging.getLogger(__name__)
 

@@ -80,6 +80,13 @@ class RemoveDead(GraphPass):
     """
 
     name = "remove_dead"
+    # collects what these leave behind
+    runs_after = (
+        "fold_constants",
+        "remove_noops",
+        "eliminate_common_subexpressions",
+        "merge_duplicate_initializers",
+    )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.matches = 0

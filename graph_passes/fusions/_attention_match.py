@@ -38,6 +38,18 @@ V_LAYOUT: Layout = Q_LAYOUT
 OUT_LAYOUT: Layout = (("b",), ("s",), ("h", "d"))
 HIDDEN_LAYOUT: Layout = (("b",), ("s",), ("e",))
 
+# Every op an attention layer may end up as (ours, ORT's transformers' or an exporter's): what
+# counts as "attention fused" in the expected-fusion report.
+ATTENTION_OPS = frozenset(
+    {
+        "Attention",
+        "MultiHeadAttention",
+        "GroupQueryAttention",
+        "PackedAttention",
+        "PackedMultiHeadAttention",
+        "DecoderMaskedMultiHeadAttention",
+    }
+)
 SHAPE_OPS = ("Shape", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast")
 
 

@@ -30,56 +30,19 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes.base import (
-    GraphPass,
-    constant_array,
-    is_standard,
     replace_value,
 )
-from graph_passes.fusions.conv_bn import _initializer, all_names
+from graph_passes.fusion import Fusion
+from graph_passes.match import CLIP_INPUTS_OPSET, INF, all_names, clip_range, new_initializer
 
 logger = logging.getLogger(__name__)
 
-# Clip's min/max became optional inputs (instead of float attributes) in opset 11.
-CLIP_INPUTS_OPSET = 11
-INF = float("inf")
 
-
-def _attr_float(node: ir.Node, name: str, default: float) -> float:
-    attr = node.attributes.get(name)
-    return default if attr is None else float(attr.as_float())
-
-
-def clip_range(node: ir.Node, opset: int) -> tuple[float, float, np.dtype | None] | None:
-    """``(lo, hi, dtype of a bound)`` of a standard Relu or Clip, None when not constant."""
-    if not is_standard(node) or len(node.outputs) != 1:
-        return None
-    if node.op_type == "Relu":
-        return 0.0, INF, None
-    if node.op_type != "Clip":
-        return None
-    if (node.version or opset) < CLIP_INPUTS_OPSET:
-        # The attribute defaults are float lowest/max: as good as infinite for float data.
-        return _attr_float(node, "min", -INF), _attr_float(node, "max", INF), None
-    bounds: list[float] = [-INF, INF]
-    dtype = None
-    for i in (1, 2):
-        value = node.inputs[i] if len(node.inputs) > i else None
-        if value is None:
-            continue
-        array = constant_array(value)
-        if array is None or array.size != 1:
-            return None
-        dtype = array.dtype
-        bounds[i - 1] = float(array.reshape(()).item())
-    if any(np.isnan(b) for b in bounds):
-        return None
-    return bounds[0], bounds[1], dtype
-
-
-class FuseActivationChains(GraphPass):
+class FuseActivationChains(Fusion):
     """Merge ``Relu/Clip -> Relu/Clip`` into one Relu or Clip with the intersected range."""
 
     name: ClassVar[str] = "fuse_activation_chains"
+    position: ClassVar[int] = 40
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.matches = 0
@@ -153,7 +116,7 @@ class FuseActivationChains(GraphPass):
         for i, bound in ((1, lo), (2, hi)):
             if abs(bound) != INF:
                 array = np.array(bound, dtype=dtype)
-                inputs[i] = _initializer(graph, names, f"{name}_{('min', 'max')[i - 1]}", array)
+                inputs[i] = new_initializer(graph, names, f"{name}_{('min', 'max')[i - 1]}", array)
         while inputs[-1] is None:
             inputs.pop()
         return ir.node("Clip", inputs, name=name, version=second.version)

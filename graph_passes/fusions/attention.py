@@ -58,18 +58,18 @@ import onnx_ir as ir
 
 from graph_passes.base import (
     NON_DETERMINISTIC_OPS,
-    GraphPass,
     can_replace,
     constant_array,
     is_standard,
     replace_value,
 )
+from graph_passes.fusion import Emits, ExpectedRow, Fusion
 from graph_passes.fusions import _attention_match as am
 from graph_passes.shapes import infer_shapes
+from graph_passes.target.targets import CONTRIB_DOMAIN
 
 logger = logging.getLogger(__name__)
 
-CONTRIB = "com.microsoft"
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 CONTRIB_OPS = ("Attention", "MultiHeadAttention")
 # How much faster (in fused / unfused time) another attention form must measure to be taken
@@ -81,10 +81,19 @@ class Rejected(Exception):
     """A matched attention that must not be fused; the message says why."""
 
 
-class FuseAttention(GraphPass):
+class FuseAttention(Fusion):
     """Q/K/V projections + head split + scaled softmax + merge -> one attention node."""
 
     name: ClassVar[str] = "fuse_attention"
+    position: ClassVar[int] = 70
+    runs_after: ClassVar[tuple[str, ...]] = ("raise_opset",)
+    emits: ClassVar[Emits] = Emits(
+        contrib=frozenset({"Attention", "MultiHeadAttention"}),
+        cuda=frozenset({"Attention", "MultiHeadAttention"}),
+        standard={"Attention": 23},
+    )
+    shadows: ClassVar[tuple[str, ...]] = ("AttentionFusion",)
+    expected: ClassVar[ExpectedRow] = ExpectedRow("attention", am.ATTENTION_OPS)
 
     def __init__(self, target=None, contrib_op: str = "Attention") -> None:
         super().__init__(target)
@@ -113,15 +122,15 @@ class FuseAttention(GraphPass):
                 _detach([n for n in getattr(self, "_pending", []) if n.graph is None])
                 self.rejected.append(f"{softmax.name}: {exc}")
                 logger.debug("attention at %s not fused: %s", softmax.name, exc)
-        if self.matches and CONTRIB not in model.opset_imports and self._used_contrib(graph):
-            model.opset_imports[CONTRIB] = 1
+        if self.matches and CONTRIB_DOMAIN not in model.opset_imports and self._used_contrib(graph):
+            model.opset_imports[CONTRIB_DOMAIN] = 1
         if self.blocked:
             logger.info("%d attention patterns left: the target has no op for them", self.blocked)
         return self.result(model)
 
     @staticmethod
     def _used_contrib(graph: ir.Graph) -> bool:
-        return any(node.domain == CONTRIB for node in graph)
+        return any(node.domain == CONTRIB_DOMAIN for node in graph)
 
     # -- match -------------------------------------------------------------------------
 
@@ -240,7 +249,7 @@ class FuseAttention(GraphPass):
                 builds = builds[:1]
             node, removed, new_inits = self._fastest(m, mask, attrs_scale, builds)
         else:
-            if not self.target.allows_standard("Attention", self._opset):
+            if not self.can_emit_standard("Attention", self._opset):
                 self.blocked += 1
                 raise Rejected(f"portable target needs opset >= 23 (model has {self._opset})")
             candidate = self._standard(m, attrs_scale)
@@ -279,7 +288,7 @@ class FuseAttention(GraphPass):
         node, removed, inits = candidate
         removed = removed + self._shape_readers(removed, out)
         self._private(removed, out)
-        if not self.target.supports(node):
+        if not self.can_emit(node):
             self.blocked += 1
             raise Rejected(f"target {self.target.name} cannot run {node.domain}.{node.op_type}")
         return node, removed, inits
@@ -310,7 +319,7 @@ class FuseAttention(GraphPass):
         best, best_ratio, checks = None, math.inf, []
         for node, removed, inits in vetted:
             kept = [] if set(projections) <= set(removed) else projections
-            check = self.target.measure_rewrite(
+            check = self.measure_rewrite(
                 kept + [n for n in removed if n not in kept],
                 [out],
                 kept + [node],
@@ -382,7 +391,7 @@ class FuseAttention(GraphPass):
         if mask is not None:
             attrs.append(ir.AttrFloat32("mask_filter_value", mask.fill))
         inputs = [m["x"], w, bias] + ([mask_value] if mask is not None else [])
-        node = ir.Node(CONTRIB, "Attention", inputs, attrs, name=f"{stem}_Attention")
+        node = ir.Node(CONTRIB_DOMAIN, "Attention", inputs, attrs, name=f"{stem}_Attention")
         removed = [n for p in projections for n in p.nodes] + m["core"]
         return node, removed, inits
 
@@ -394,7 +403,7 @@ class FuseAttention(GraphPass):
             attrs.append(ir.AttrFloat32("mask_filter_value", mask.fill))
             inputs += [None, mask_value]
         stem = m["root"].name or "attention"
-        node = ir.Node(CONTRIB, "MultiHeadAttention", inputs, attrs, name=f"{stem}_MHA")
+        node = ir.Node(CONTRIB_DOMAIN, "MultiHeadAttention", inputs, attrs, name=f"{stem}_MHA")
         return node, list(m["core"]), []
 
     def _standard(self, m: dict, scale: list) -> tuple:

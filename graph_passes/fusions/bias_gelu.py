@@ -22,8 +22,9 @@ from typing import ClassVar
 
 import onnx_ir as ir
 
-from graph_passes.base import GraphPass, constant_tensor
-from graph_passes.fusions.gelu import only_use, probe_node, producer, rewrite
+from graph_passes.base import constant_tensor
+from graph_passes.fusion import Emits, ExpectedRow, Fusion
+from graph_passes.match import only_use, probe_node, producer, rewrite
 from graph_passes.shapes import infer_shapes
 from graph_passes.target.targets import CONTRIB_DOMAIN
 
@@ -42,10 +43,17 @@ def gelu_form(node: ir.Node) -> str | None:
     return None
 
 
-class FuseBiasGelu(GraphPass):
+class FuseBiasGelu(Fusion):
     """Add(x, bias) + Gelu/FastGelu -> com.microsoft BiasGelu / FastGelu(x, bias)."""
 
     name: ClassVar[str] = "fuse_bias_gelu"
+    position: ClassVar[int] = 120
+    # folds a bias into a Gelu that fuse_gelu made; the attention matchers need the Q/K/V
+    # bias Adds this pass would take
+    runs_after: ClassVar[tuple[str, ...]] = ("fuse_attention", "fuse_gelu")
+    emits: ClassVar[Emits] = Emits(contrib=frozenset({"BiasGelu"}), cuda=frozenset({"BiasGelu"}))
+    shadows: ClassVar[tuple[str, ...]] = ("BiasGeluFusion",)
+    expected: ClassVar[ExpectedRow] = ExpectedRow("gelu", frozenset({"BiasGelu"}))
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.matches = 0
@@ -64,10 +72,10 @@ class FuseBiasGelu(GraphPass):
                     continue
                 op = "BiasGelu" if form == "none" else "FastGelu"
                 probe = probe_node(CONTRIB_DOMAIN, op, operands)
-                if not self.target.supports(probe):
+                if not self.can_emit(probe):
                     logger.debug("%s: no %s kernel for this target", node.name, op)
                     continue
-                if not self.target.rewrite_pays(
+                if not self.rewrite_pays(
                     [add, node], [node.outputs[0]], [probe], [probe.outputs[0]]
                 ):
                     self.declined += 1

@@ -26,8 +26,10 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.base import GraphPass, can_replace, constant_array, is_standard, replace_value
-from graph_passes.fusions.conv_bn import all_names, single_use_producer
+from graph_passes.base import can_replace, constant_array, is_standard, replace_value
+from graph_passes.fusion import Fusion
+from graph_passes.fusions._channel_affine import single_use_producer
+from graph_passes.match import all_names
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +45,11 @@ def _per_channel(const: np.ndarray, rank: int, channels: int) -> np.ndarray | No
     return np.broadcast_to(const.reshape(-1).astype(np.float64), (channels,))
 
 
-class FuseConvAffine(GraphPass):
+class FuseConvAffine(Fusion):
     """Fold ``Conv -> Add(per-channel constant)`` and ``Conv -> Mul(per-channel constant)``."""
 
     name: ClassVar[str] = "fuse_conv_affine"
+    position: ClassVar[int] = 20
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.matches = 0

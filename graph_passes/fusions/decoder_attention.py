@@ -55,17 +55,18 @@ import onnx_ir as ir
 
 from graph_passes.base import (
     NON_DETERMINISTIC_OPS,
-    GraphPass,
     constant_array,
     is_standard,
     replace_value,
 )
-from graph_passes.fusions.gelu import probe_node
+from graph_passes.fusion import Emits, ExpectedRow, Fusion
+from graph_passes.fusions import _attention_match as am
+from graph_passes.match import is_op, probe_node, producer
 from graph_passes.shapes import infer_shapes
+from graph_passes.target.targets import CONTRIB_DOMAIN
 
 logger = logging.getLogger(__name__)
 
-CONTRIB_DOMAIN = "com.microsoft"
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 TO_HEADS = (0, 2, 1, 3)  # (B, S, H, D) <-> (B, H, S, D)
 KEY_T = (0, 1, 3, 2)  # (B, H, T, D) -> (B, H, D, T)
@@ -91,10 +92,18 @@ class _Match:
     core: list[ir.Node] = field(default_factory=list)  # nodes the standard Attention replaces
 
 
-class FuseDecoderAttention(GraphPass):
+class FuseDecoderAttention(Fusion):
     """Q/K^T/Softmax/V with a KV cache -> com.microsoft MultiHeadAttention (4D key/value)."""
 
     name: ClassVar[str] = "fuse_decoder_attention"
+    position: ClassVar[int] = 80
+    emits: ClassVar[Emits] = Emits(
+        contrib=frozenset({"MultiHeadAttention"}),
+        cuda=frozenset({"MultiHeadAttention"}),
+        standard={"Attention": 23},
+    )
+    shadows: ClassVar[tuple[str, ...]] = ("AttentionFusion",)
+    expected: ClassVar[ExpectedRow] = ExpectedRow("attention", am.ATTENTION_OPS)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.matches = 0
@@ -130,11 +139,11 @@ class FuseDecoderAttention(GraphPass):
     def _match(self, softmax: ir.Node) -> _Match | None:
         """The attention around ``softmax``; None when it is no attention at all."""
         scores, bias = softmax.inputs[0], None
-        add = _producer(scores, "Add")
+        add = producer(scores, "Add")
         nodes: list[ir.Node] = []
         if add is not None:
             for s, b in (add.inputs, add.inputs[::-1]):
-                if _producer(s, "MatMul", "Mul", "Div") is not None and _scores(s) is not None:
+                if producer(s, "MatMul", "Mul", "Div") is not None and _scores(s) is not None:
                     scores, bias = s, b
                     nodes.append(add)
                     break
@@ -143,9 +152,9 @@ class FuseDecoderAttention(GraphPass):
             return None
         q4, key_t, scale, score_nodes = found
         nodes += score_nodes
-        transpose_k = _producer(key_t, "Transpose")
+        transpose_k = producer(key_t, "Transpose")
         if transpose_k is None:
-            if _producer(key_t, "Mul", "Div") is not None and _producer(q4, "Mul", "Div"):
+            if producer(key_t, "Mul", "Div") is not None and producer(q4, "Mul", "Div"):
                 raise _Reject("q and k are scaled by a non-constant (run fold_constants first)")
             return None  # e.g. a classifier's MatMul by a weight: no attention
         if _perm(transpose_k) != KEY_T:
@@ -168,7 +177,7 @@ class FuseDecoderAttention(GraphPass):
             probs = guard_nodes[-1].outputs[0]
         uses = list(probs.uses())
         attend = uses[0].node if len(uses) == 1 else None
-        if not _is(attend, "MatMul") or attend.inputs[0] is not probs:
+        if not is_op(attend, "MatMul") or attend.inputs[0] is not probs:
             raise _Reject("probabilities do not feed one MatMul with V")
         value = attend.inputs[1]
         merge_t = _only_consumer(attend.outputs[0], "Transpose")
@@ -180,8 +189,8 @@ class FuseDecoderAttention(GraphPass):
             raise _Reject("the merging Reshape does not give (B, S, H*D)")
         # The merge's own shape math (Shape of the transposed heads) goes with it.
         nodes += [attend, merge_t, *merged, merge]
-        split_t = _producer(q4, "Transpose")
-        split = None if split_t is None else _producer(split_t.inputs[0], "Reshape")
+        split_t = producer(q4, "Transpose")
+        split = None if split_t is None else producer(split_t.inputs[0], "Reshape")
         if split is None or _perm(split_t) != TO_HEADS:
             raise _Reject("q is not Reshape to heads then Transpose<0,2,1,3>")
         nodes += [split_t, split]
@@ -272,15 +281,11 @@ class FuseDecoderAttention(GraphPass):
         # 4D in and out (B, H, S, D) for the standard op: q's head split and the merge stay.
         std_inputs = [m.q4, m.key, m.value] + ([m.bias] if m.bias is not None else [])
         std_attrs = [ir.AttrFloat32("scale", m.scale)]
-        if (
-            self.target.allows_contrib
-            and self.target.supports(mha)
-            and self._pays(m.nodes, m.out, mha)
-        ):
+        if self.target.allows_contrib and self.can_emit(mha) and self._pays(m.nodes, m.out, mha):
             mha = ir.Node(CONTRIB_DOMAIN, "MultiHeadAttention", inputs, attrs)
             self._replace(graph, m.out, mha, m.nodes, m.zero)
             kind = "MultiHeadAttention"
-        elif self.target.allows_standard("Attention", self._opset) and self._pays(
+        elif self.can_emit_standard("Attention", self._opset) and self._pays(
             m.core, m.heads_out, probe_node("", "Attention", std_inputs, std_attrs)
         ):
             std = ir.Node("", "Attention", std_inputs, std_attrs)
@@ -295,7 +300,7 @@ class FuseDecoderAttention(GraphPass):
 
     def _pays(self, nodes, out: ir.Value, probe: ir.Node) -> bool:
         """Whether the target does not measure ``probe`` slower than ``nodes`` (-> ``out``)."""
-        if self.target.rewrite_pays(nodes, [out], [probe], [probe.outputs[0]]):
+        if self.rewrite_pays(nodes, [out], [probe], [probe.outputs[0]]):
             return True
         self.declined += 1
         return False
@@ -330,21 +335,12 @@ class FuseDecoderAttention(GraphPass):
 # -- helpers --------------------------------------------------------------------------------------
 
 
-def _is(node: ir.Node | None, *ops: str) -> bool:
-    return node is not None and node.op_type in ops and is_standard(node)
-
-
-def _producer(value: ir.Value | None, *ops: str) -> ir.Node | None:
-    node = None if value is None else value.producer()
-    return node if _is(node, *ops) else None
-
-
 def _only_consumer(value: ir.Value, *ops: str) -> ir.Node | None:
     uses = list(value.uses())
     if len(uses) != 1 or value.is_graph_output():
         return None
     node = uses[0].node
-    return node if _is(node, *ops) and node.inputs[0] is value else None
+    return node if is_op(node, *ops) and node.inputs[0] is value else None
 
 
 def _perm(node: ir.Node) -> tuple[int, ...] | None:
@@ -369,12 +365,12 @@ def _scalar(value: ir.Value | None) -> float | None:
 def _unscale(value: ir.Value) -> tuple[ir.Value, float, list[ir.Node]]:
     """Peel ``Mul(x, c)``/``Mul(c, x)``/``Div(x, c)`` by a constant scalar off ``value``."""
     node = value.producer()
-    if _is(node, "Mul"):
+    if is_op(node, "Mul"):
         for x, c in (node.inputs, node.inputs[::-1]):
             factor = _scalar(c)
             if factor is not None:
                 return x, factor, [node]
-    if _is(node, "Div"):
+    if is_op(node, "Div"):
         divisor = _scalar(node.inputs[1])
         if divisor is not None:
             return node.inputs[0], 1.0 / divisor, [node]
@@ -384,7 +380,7 @@ def _unscale(value: ir.Value) -> tuple[ir.Value, float, list[ir.Node]]:
 def _scores(value: ir.Value) -> tuple[ir.Value, ir.Value, float, list[ir.Node]] | None:
     """``(q4, k^T, scale, nodes)`` when ``value`` is ``scale * MatMul(q4, k^T)``."""
     inner, post, nodes = _unscale(value)
-    matmul = _producer(inner, "MatMul")
+    matmul = producer(inner, "MatMul")
     if matmul is None:
         return None
     q4, sq, q_nodes = _unscale(matmul.inputs[0])
@@ -398,7 +394,7 @@ def _nan_guard(softmax: ir.Node) -> tuple[ir.Value, list[ir.Node]] | None:
     uses = list(probs.uses())
     if len(uses) != 2:
         return None
-    isnan = next((u.node for u in uses if _is(u.node, "IsNaN")), None)
+    isnan = next((u.node for u in uses if is_op(u.node, "IsNaN")), None)
     if isnan is None:
         return None
     where = _only_consumer(isnan.outputs[0], "Where")
@@ -421,7 +417,7 @@ def _shape_pieces(shape: ir.Value, source: ir.Value) -> tuple[list | None, list[
     array = constant_array(shape)
     if array is not None:
         return [_piece(int(d), i, source) for i, d in enumerate(array.reshape(-1))], []
-    concat = _producer(shape, "Concat")
+    concat = producer(shape, "Concat")
     if concat is None or concat.attributes.get_int("axis", 0) != 0:
         return None, []
     pieces: list = []
@@ -433,9 +429,9 @@ def _shape_pieces(shape: ir.Value, source: ir.Value) -> tuple[list | None, list[
                 _piece(int(d), len(pieces) + i, source) for i, d in enumerate(array.reshape(-1))
             ]
             continue
-        unsqueeze = _producer(piece, "Unsqueeze")
-        gather = None if unsqueeze is None else _producer(unsqueeze.inputs[0], "Gather")
-        shape_of = None if gather is None else _producer(gather.inputs[0], "Shape")
+        unsqueeze = producer(piece, "Unsqueeze")
+        gather = None if unsqueeze is None else producer(unsqueeze.inputs[0], "Gather")
+        shape_of = None if gather is None else producer(gather.inputs[0], "Shape")
         index = None if gather is None else constant_array(gather.inputs[1])
         if shape_of is None or index is None or index.size != 1 or shape_of.attributes:
             return None, []
@@ -466,7 +462,7 @@ def _same_leading_dim(x: ir.Value, source: ir.Value, axis: int) -> bool:
     if x is source:
         return True
     split = source.producer()
-    if not _is(split, "Split") or x.producer() is not split:
+    if not is_op(split, "Split") or x.producer() is not split:
         return False
     split_axis = split.attributes.get_int("axis", 0)
     rank = None if source.shape is None else len(source.shape)
@@ -477,9 +473,9 @@ def _merge_reshape(heads: ir.Value) -> ir.Node | None:
     """The Reshape of ``heads``, which may also feed Shape nodes (of that Reshape's shape)."""
     if heads.is_graph_output():
         return None
-    reshapes = [u.node for u in heads.uses() if _is(u.node, "Reshape") and u.idx == 0]
+    reshapes = [u.node for u in heads.uses() if is_op(u.node, "Reshape") and u.idx == 0]
     others = [u.node for u in heads.uses() if u.node not in reshapes]
-    if len(reshapes) != 1 or not all(_is(n, "Shape") for n in others):
+    if len(reshapes) != 1 or not all(is_op(n, "Shape") for n in others):
         return None
     return reshapes[0]
 

@@ -37,10 +37,10 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.base import GraphPass, constant_array, take_over
-from graph_passes.fusions.gelu import is_op, only_use, opset_of, probe_node, producer
-from graph_passes.fusions.layer_norm import FuseLayerNorm
-from graph_passes.fusions.skip_layer_norm import ir_dims, same_dim
+from graph_passes.base import constant_array, take_over
+from graph_passes.fusion import Emits, ExpectedRow, Fusion
+from graph_passes.fusions._layer_norm_match import LayerNormMatcher
+from graph_passes.match import ir_dims, is_op, only_use, opset_of, probe_node, producer, same_dim
 from graph_passes.shapes import infer_shapes
 from graph_passes.target.targets import CONTRIB_DOMAIN
 
@@ -58,10 +58,20 @@ def _int_const(value: ir.Value | None) -> list[int] | None:
     return [int(x) for x in array.reshape(-1)]
 
 
-class FuseEmbedLayerNorm(GraphPass):
+class FuseEmbedLayerNorm(Fusion):
     """Gather(word) + Gather(position) [+ Gather(segment)] + LayerNorm -> EmbedLayerNorm."""
 
     name: ClassVar[str] = "fuse_embed_layer_norm"
+    position: ClassVar[int] = 85
+    in_default: ClassVar[bool] = False  # opt-in: see the module doc
+    emits: ClassVar[Emits] = Emits(
+        contrib=frozenset({"EmbedLayerNormalization"}),
+        cuda=frozenset({"EmbedLayerNormalization"}),
+    )
+    shadows: ClassVar[tuple[str, ...]] = ("EmbedLayerNormFusion",)
+    expected: ClassVar[ExpectedRow] = ExpectedRow(
+        "layernorm", frozenset({"EmbedLayerNormalization"})
+    )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.matches = 0
@@ -70,13 +80,13 @@ class FuseEmbedLayerNorm(GraphPass):
             return self.result(model)
         opset = opset_of(model)
         infer_shapes(model)
-        matcher = FuseLayerNorm()
+        matcher = LayerNormMatcher(opset)
         for graph in model.graphs():
             fused_here = 0
             for root in reversed(list(graph)):
                 if root.graph is not graph:
                     continue
-                norm = self._norm(root, matcher, opset)
+                norm = self._norm(root, matcher)
                 if norm is not None:
                     fused_here += self._fuse(model, graph, root, *norm)
             if fused_here:
@@ -84,7 +94,7 @@ class FuseEmbedLayerNorm(GraphPass):
             self.matches += fused_here
         return self.result(model)
 
-    def _norm(self, root: ir.Node, matcher: FuseLayerNorm, opset: int) -> tuple | None:
+    def _norm(self, root: ir.Node, matcher: LayerNormMatcher) -> tuple | None:
         """``(terms, sum_value, gamma, beta, eps, nodes)`` of a last-axis norm at ``root``.
 
         ``terms`` are the values summed before the norm (one Add output, or SkipLN's two
@@ -108,7 +118,7 @@ class FuseEmbedLayerNorm(GraphPass):
                 return None
             eps = root.attributes.get_float("epsilon", 1e-5)
             return [s], s, root.inputs[1], root.inputs[2], eps, [root]
-        match = matcher.match(root, opset)
+        match = matcher.match(root)
         if match is None or match[2] is None:
             return None
         s, gamma, beta, eps, nodes = match
@@ -166,7 +176,7 @@ class FuseEmbedLayerNorm(GraphPass):
         attrs = [ir.AttrFloat32("epsilon", float(eps))]
         copies = probe_node(CONTRIB_DOMAIN, OP, [*probe_inputs, *inputs[2:]]).inputs
         probe = ir.Node(CONTRIB_DOMAIN, OP, copies, attrs, num_outputs=2)  # 1 output: refused
-        if not self.target.supports(probe):
+        if not self.can_emit(probe):
             self.blocked += 1
             return 0
         first = min((n for n in [*leaves, *adds, *nodes]), key=list(graph).index)

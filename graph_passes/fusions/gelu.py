@@ -27,27 +27,27 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import onnx_ir as ir
 
-from graph_passes.base import (
-    GraphPass,
-    can_replace,
-    constant_array,
-    constant_tensor,
-    is_standard,
-    replace_value,
+from graph_passes.fusion import Emits, ExpectedRow, Fusion
+from graph_passes.match import (
+    is_op,
+    is_scalar_const,
+    only_use,
+    opset_of,
+    probe_node,
+    producer,
+    rewrite,
+    split_const,
 )
 from graph_passes.shapes import infer_shapes
 from graph_passes.target.targets import CONTRIB_DOMAIN
 
 logger = logging.getLogger(__name__)
 
-RTOL = 1e-4  # relative tolerance on every constant of the pattern
 SQRT2 = math.sqrt(2.0)
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 KAPPA = 0.044715
@@ -62,91 +62,6 @@ class GeluMatch:
     root: ir.Node  # the node whose output is y
     nodes: list[ir.Node]
     approximate: str  # "none" (erf) or "tanh"
-
-
-def opset_of(model: ir.Model) -> int:
-    """The model's default-domain opset (0 when it imports none)."""
-    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
-
-
-def is_op(node: ir.Node | None, *ops: str) -> bool:
-    """``node`` is a standard-domain node of one of ``ops``."""
-    return node is not None and node.op_type in ops and is_standard(node)
-
-
-def producer(value: ir.Value | None, *ops: str) -> ir.Node | None:
-    """The producer of ``value`` when it is a standard node of one of ``ops``."""
-    node = None if value is None else value.producer()
-    return node if is_op(node, *ops) else None
-
-
-def is_scalar_const(value: ir.Value | None, expected: float, rtol: float = RTOL) -> bool:
-    """``value`` is a true constant of one element, rank <= 1, close to ``expected``."""
-    array = constant_array(value)
-    if array is None or array.size != 1 or array.ndim > 1:
-        return False
-    number = float(np.asarray(array, dtype=np.float64).reshape(-1)[0])
-    return math.isfinite(number) and abs(number - expected) <= rtol * abs(expected)
-
-
-def split_const(node: ir.Node | None, expected: float) -> ir.Value | None:
-    """For a binary ``node`` with one operand the constant ``expected``: the other operand."""
-    if node is None or len(node.inputs) != 2:
-        return None
-    a, b = node.inputs
-    if is_scalar_const(b, expected):
-        return a
-    if is_scalar_const(a, expected):
-        return b
-    return None
-
-
-def only_use(value: ir.Value) -> ir.Node | None:
-    """The single consumer of ``value`` (None when it has 0 or 2+ uses or is a graph output)."""
-    uses = list(value.uses())
-    if len(uses) != 1 or value.is_graph_output():
-        return None
-    return uses[0].node
-
-
-def probe_node(
-    domain: str, op: str, inputs: Sequence[ir.Value | None], attrs=(), num_outputs: int = 1
-) -> ir.Node:
-    """A detached node like the one a fusion wants to emit, for ``Target.supports`` and
-    ``Target.rewrite_pays``.
-
-    Its inputs are fresh values with the same types, shapes and constant tensors, so
-    building it does not add uses to the graph's values.
-    """
-    copies = [
-        None
-        if v is None
-        else ir.Value(name=f"probe{i}", type=v.type, shape=v.shape, const_value=_const(v))
-        for i, v in enumerate(inputs)
-    ]
-    return ir.Node(domain, op, copies, list(attrs), num_outputs=num_outputs)
-
-
-def _const(value: ir.Value) -> ir.TensorProtocol | None:
-    tensor = constant_tensor(value)
-    return tensor if tensor is not None else value.const_value
-
-
-def rewrite(graph: ir.Graph, root: ir.Node, nodes: list[ir.Node], node: ir.Node) -> bool:
-    """Put ``node`` in place of the pattern ending at ``root`` (its first output replaces
-    ``root``'s); remove the pattern's nodes. False (and nothing changed) when not possible."""
-    y = root.outputs[0]
-    out = node.outputs[0]
-    out.type, out.shape = y.type, y.shape
-    graph.insert_before(root, node)
-    if not can_replace(y, out):  # cannot happen for a fresh node output; kept for safety
-        graph.remove(node)
-        return False
-    name = y.name
-    replace_value(y, out)
-    graph.remove(nodes, safe=True)
-    out.name = name
-    return True
 
 
 def match_gelu(node: ir.Node) -> GeluMatch | None:
@@ -264,10 +179,19 @@ def _valid(x: ir.Value, nodes: list[ir.Node], root: ir.Node) -> bool:
     return reason is None
 
 
-class FuseGelu(GraphPass):
+class FuseGelu(Fusion):
     """Erf/Tanh GELU subgraphs -> com.microsoft Gelu/FastGelu or standard Gelu (opset 20)."""
 
     name: ClassVar[str] = "fuse_gelu"
+    position: ClassVar[int] = 110
+    runs_after: ClassVar[tuple[str, ...]] = ("raise_opset",)
+    emits: ClassVar[Emits] = Emits(
+        contrib=frozenset({"Gelu", "FastGelu"}),
+        cuda=frozenset({"Gelu", "FastGelu"}),
+        standard={"Gelu": 20},
+    )
+    shadows: ClassVar[tuple[str, ...]] = ("GeluFusion", "FastGeluFusion")
+    expected: ClassVar[ExpectedRow] = ExpectedRow("gelu", frozenset({"Gelu", "FastGelu"}))
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.matches = 0
@@ -299,20 +223,18 @@ class FuseGelu(GraphPass):
         contrib_op = "Gelu" if match.approximate == "none" else "FastGelu"
         name = match.root.name
         contrib = probe_node(CONTRIB_DOMAIN, contrib_op, [match.x])
-        if self.target.allows_contrib and self.target.supports(contrib):
+        if self.target.allows_contrib and self.can_emit(contrib):
             if self._pays(match, contrib):
                 model.opset_imports.setdefault(CONTRIB_DOMAIN, 1)
                 return ir.Node(CONTRIB_DOMAIN, contrib_op, [match.x], name=name)
-        if self.target.allows_standard("Gelu", opset):
+        if self.can_emit_standard("Gelu", opset):
             attrs = [ir.AttrString("approximate", match.approximate)]
             if self._pays(match, probe_node("", "Gelu", [match.x], attrs)):
                 return ir.Node("", "Gelu", [match.x], attrs, name=name)
         return None
 
     def _pays(self, match: GeluMatch, probe: ir.Node) -> bool:
-        if self.target.rewrite_pays(
-            match.nodes, [match.root.outputs[0]], [probe], [probe.outputs[0]]
-        ):
+        if self.rewrite_pays(match.nodes, [match.root.outputs[0]], [probe], [probe.outputs[0]]):
             return True
         self.declined += 1
         return False

@@ -33,8 +33,9 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.base import GraphPass, constant_array, is_standard, replace_value
-from graph_passes.fusions.activation_chains import clip_range
+from graph_passes.base import constant_array, is_standard, replace_value
+from graph_passes.fusion import Fusion
+from graph_passes.match import clip_range
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +79,13 @@ def _other(node: ir.Node, value: ir.Value) -> ir.Value | None:
     return b if a is value else a
 
 
-class FuseHardSwish(GraphPass):
+class FuseHardSwish(Fusion):
     """Fuse ``x * clip(x + 3, 0, 6) / 6`` into HardSwish and ``clip(x + 3, 0, 6) / 6`` into
     HardSigmoid; also ``x * HardSigmoid(x)`` into HardSwish."""
 
     name: ClassVar[str] = "fuse_hard_swish"
+    position: ClassVar[int] = 50
+    runs_after: ClassVar[tuple[str, ...]] = ("fuse_activation_chains",)  # matches Clip(0, 6) whole
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.matches = 0

@@ -34,7 +34,8 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from graph_passes.base import GraphPass, constant_array, is_standard
+from graph_passes.base import constant_array, is_standard
+from graph_passes.fusion import Fusion
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +103,11 @@ def _absorbs_zero_padding(node: ir.Node) -> bool:
     return False
 
 
-class FusePadConv(GraphPass):
+class FusePadConv(Fusion):
     """Fold ``Pad(constant 0) -> Conv/AveragePool(count_include_pad=1)`` into the node's pads."""
 
     name: ClassVar[str] = "fuse_pad_conv"
+    position: ClassVar[int] = 30
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.matches = 0

@@ -37,14 +37,14 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes.base import (
-    GraphPass,
     constant_array,
     constant_tensor,
     outside_use,
     reduces_last_axis,
 )
-from graph_passes.fusions.gelu import is_op, is_scalar_const, opset_of, producer, rewrite
-from graph_passes.fusions.skip_layer_norm import FuseSkipLayerNorm
+from graph_passes.fusion import Emits, ExpectedRow, Fusion
+from graph_passes.fusions._residual_norm import ResidualNormFuser
+from graph_passes.match import is_op, is_scalar_const, opset_of, producer, rewrite
 from graph_passes.shapes import infer_shapes
 
 logger = logging.getLogger(__name__)
@@ -52,17 +52,30 @@ logger = logging.getLogger(__name__)
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 
-class FuseRMSNorm(GraphPass):
+class FuseRMSNorm(Fusion):
     """Pow/ReduceMean/Add/Sqrt/Reciprocal/Mul/Mul -> RMSNormalization or SkipSimplifiedLN."""
 
     name: ClassVar[str] = "fuse_rms_norm"
+    position: ClassVar[int] = 100
+    emits: ClassVar[Emits] = Emits(
+        contrib=frozenset({"SkipSimplifiedLayerNormalization"}),
+        cuda=frozenset({"SkipSimplifiedLayerNormalization"}),
+        standard={"RMSNormalization": 23},
+    )
+    shadows: ClassVar[tuple[str, ...]] = ("SimplifiedLayerNormFusion", "SkipLayerNormFusion")
+    expected: ClassVar[ExpectedRow] = ExpectedRow(
+        "rmsnorm",
+        frozenset(
+            {"RMSNormalization", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"}
+        ),
+    )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.matches = 0
         self.blocked = 0
         self._opset = opset_of(model)
         infer_shapes(model)
-        skip = FuseSkipLayerNorm(self.target)
+        residual = ResidualNormFuser(self, model)
         claimed: set[ir.Node] = set()
         for graph in model.graphs():
             fused_here = 0
@@ -74,11 +87,11 @@ class FuseRMSNorm(GraphPass):
                     continue
                 x, gamma, eps, nodes = match
                 claimed.update(nodes)
-                if self.target.allows_contrib and skip.fuse_residual(
-                    model, graph, root, x, gamma, None, eps, nodes, simplified=True
+                if self.target.allows_contrib and residual.fuse(
+                    graph, root, x, gamma, None, eps, nodes, simplified=True
                 ):
                     fused_here += 1
-                elif self.target.allows_standard("RMSNormalization", self._opset):
+                elif self.can_emit_standard("RMSNormalization", self._opset):
                     attrs = [ir.AttrInt64("axis", -1), ir.AttrFloat32("epsilon", eps)]
                     node = ir.Node("", "RMSNormalization", [x, gamma], attrs, name=root.name)
                     fused_here += rewrite(graph, root, nodes, node)

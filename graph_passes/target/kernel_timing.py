@@ -49,21 +49,7 @@ MARGIN = 0.10  # a fused form within 10% of the original is "same" and kept
 MIN_SAMPLE_SECONDS = 0.01
 MIN_ROUNDS = 9
 MAX_ROUNDS = 21
-DECISIVE = 0.15
-# ORT's own graph transformers that build the contrib ops our fusions emit. They are off
-# for the original side: the question is whether the fused kernel beats the nodes it
-# replaces as they run unfused (in a cut-out model with concrete shapes ORT would fuse
-# them itself, which it often cannot do in the real graph).
-ORT_CONTRIB_FUSIONS = [
-    "AttentionFusion",
-    "BiasGeluFusion",
-    "EmbedLayerNormFusion",
-    "FastGeluFusion",
-    "GeluFusion",
-    "QuickGeluFusion",
-    "SimplifiedLayerNormFusion",
-    "SkipLayerNormFusion",
-]  # stop early once every round is this far on one side of 1
+DECISIVE = 0.15  # stop early once every round is this far on one side of 1
 
 
 @dataclass(frozen=True)
@@ -103,6 +89,7 @@ def check_rewrite(
     *,
     threads: int = 0,
     shapes: Mapping[int, tuple] | None = None,
+    shadows: Sequence[str] = (),
 ) -> KernelCheck:
     """Time ``after`` (the fused nodes) against ``before`` (the nodes they replace).
 
@@ -110,7 +97,11 @@ def check_rewrite(
     be detached nodes whose inputs are copies (``probe_node``); constants are recognised by
     ``const_value``. ``threads``: ORT intra-op threads (0: ORT's default, as users run).
     ``shapes``: dims a pass has proven beyond ONNX's inference (e.g. with ORT's symbolic
-    inference), by ``id()`` of the value or of its probe copy.
+    inference), by ``id()`` of the value or of its probe copy. ``shadows``: ORT's graph
+    transformers that would build the fused op themselves (the fusion's ``shadows``); they
+    are off for the original side: the question is whether the fused kernel beats the nodes
+    it replaces as they run unfused (in a cut-out model with concrete shapes ORT would fuse
+    them itself, which it often cannot do in the real graph).
     """
     fused = ", ".join(_op_name(n) for n in after if n not in before)
     replaced = ", ".join(sorted({n.op_type for n in before if n not in after}))
@@ -123,7 +114,7 @@ def check_rewrite(
         for side in (original, candidate):
             if isinstance(side, str):
                 return KernelCheck(fused, replaced, "", None, 0, "unmeasured", side)
-        outcome, stored = _remembered(original, candidate, threads)
+        outcome, stored = _remembered(original, candidate, threads, shadows)
         if outcome[0] is not None:
             break
     ratio, rounds, verdict = outcome
@@ -469,7 +460,9 @@ def _random(dtype: ir.DataType | None, shape: list[int], rng: np.random.Generato
     return None
 
 
-def _remembered(original: _Cut, candidate: _Cut, threads: int) -> tuple[tuple, bool]:
+def _remembered(
+    original: _Cut, candidate: _Cut, threads: int, shadows: Sequence[str]
+) -> tuple[tuple, bool]:
     """(``_measure``'s answer, whether it came from the store): this machine's timing store
     answers when it holds the same structures (``timing_store``: the same model optimized
     twice gets the same verdicts). Only measured verdicts are kept; an unmeasured cut is
@@ -479,14 +472,14 @@ def _remembered(original: _Cut, candidate: _Cut, threads: int) -> tuple[tuple, b
     known = store.get(entry_key)
     if known is not None:
         return known, entry_key not in store.measured_here
-    outcome = _measure(original, candidate, threads)
+    outcome = _measure(original, candidate, threads, shadows)
     if outcome[0] is None:
         return outcome, False
     kept = store.remember(entry_key, outcome)
     return kept, kept != outcome
 
 
-def _measure(original: _Cut, candidate: _Cut, threads: int):
+def _measure(original: _Cut, candidate: _Cut, threads: int, shadows: Sequence[str]):
     """(median ratio, rounds, verdict) or (None, 0, reason)."""
     import onnxruntime as ort
 
@@ -499,7 +492,7 @@ def _measure(original: _Cut, candidate: _Cut, threads: int):
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = []
     try:
-        for cut, disabled in ((original, ORT_CONTRIB_FUSIONS), (candidate, [])):
+        for cut, disabled in ((original, list(shadows)), (candidate, [])):
             session = ort.InferenceSession(
                 cut.model,
                 options,

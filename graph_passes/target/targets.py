@@ -5,8 +5,8 @@ A *target* is where the optimized model will run:
 - ``cpu`` / ``cuda``: ONNX Runtime with that execution provider. Fusions may emit
   ``com.microsoft`` contrib ops, but only those that have a kernel there.
 - ``portable``: any ONNX runtime, TensorRT's parser included. Standard-domain ops only,
-  each at the opset it was introduced (LayerNormalization 17, Gelu 20, RMSNormalization
-  and Attention 23); never a contrib op.
+  each at the opset it was introduced (each fusion declares those opsets); never a
+  contrib op.
 
 Why contrib kernels are probed rather than read from ORT's kernel registry: with the
 ``onnxruntime-gpu`` wheel on a machine without CUDA libraries,
@@ -16,12 +16,12 @@ emit is put alone in a model (inputs with the node's types and known dims) and a
 session is created with every graph optimization off; any failure (no kernel, unregistered
 op, input types the schema rejects) means the op is not used. Results are cached per probe
 model. The verifier runs on CPU, so a ``cuda`` target
-also needs the CPU kernel, plus the op in ``CUDA_CONTRIB_OPS`` (ORT's CUDA contrib kernel
-list for the ops our fusions emit; it cannot be probed without a GPU).
+also needs the CPU kernel; which contrib ops ORT's CUDA provider has cannot be probed
+without a GPU and is declared by each fusion (``Fusion.emits``, graph_passes/fusion.py).
 
 Having a kernel is not the same as the kernel being faster: with ``time_kernels`` a ``cpu``
 target also times each rewrite against the nodes it replaces (``rewrite_pays``,
-graph_passes/kernel_timing.py) and the fusion is left out where it is slower.
+graph_passes/target/kernel_timing.py) and the fusion is left out where it is slower.
 """
 
 from __future__ import annotations
@@ -40,33 +40,6 @@ logger = logging.getLogger(__name__)
 TARGETS = ("cpu", "cuda", "portable")
 CONTRIB_DOMAIN = "com.microsoft"
 
-# Opset in which each fused standard op first exists.
-STANDARD_OP_OPSET = {
-    "LayerNormalization": 17,
-    "Gelu": 20,
-    "RMSNormalization": 23,
-    "Attention": 23,
-}
-
-# ORT's CUDA provider registers these com.microsoft kernels (onnxruntime/contrib_ops/cuda,
-# ORT 1.31); limited to the ops our fusions emit.
-CUDA_CONTRIB_OPS = frozenset(
-    {
-        "Attention",
-        "MultiHeadAttention",
-        "GroupQueryAttention",
-        "SkipLayerNormalization",
-        "SkipSimplifiedLayerNormalization",
-        "EmbedLayerNormalization",
-        "BiasGelu",
-        "FastGelu",
-        "Gelu",
-        "QuickGelu",
-        "BiasAdd",
-        "MatMulNBits",
-    }
-)
-
 
 @dataclass(frozen=True)
 class Target:
@@ -76,7 +49,7 @@ class Target:
     # Raise the model's default-domain opset up to this (0: never) when that lets a
     # standard fused op be used; the ``raise_opset`` pass does it before the fusions.
     raise_opset_to: int = 0
-    # Time each contrib fusion against the nodes it replaces (graph_passes/kernel_timing.py)
+    # Time each contrib fusion against the nodes it replaces (graph_passes/target/kernel_timing.py)
     # and decline it where the fused kernel is slower. Only a ``cpu`` target is measured:
     # that is the provider this machine has. Off by default so that unit tests of a
     # fusion's pattern do not depend on timing; the pipeline turns it on.
@@ -106,21 +79,16 @@ class Target:
         """Whether com.microsoft ops may be emitted at all."""
         return self.name != "portable"
 
-    def allows_standard(self, op_type: str, model_opset: int) -> bool:
-        """Whether a standard op introduced at ``STANDARD_OP_OPSET`` fits this model."""
-        return model_opset >= STANDARD_OP_OPSET.get(op_type, 1)
-
     def supports(self, node: ir.Node) -> bool:
         """Whether this target can run ``node`` (a node a fusion is about to emit).
 
-        Standard-domain nodes are accepted (the caller checks the opset with
-        ``allows_standard``); contrib nodes need ``allows_contrib`` and a kernel.
+        Standard-domain nodes are accepted (the fusion checks the opset against its
+        ``emits``); contrib nodes need ``allows_contrib`` and a CPU kernel. Which contrib ops
+        ORT's CUDA provider has is a fact of each fusion (``Fusion.can_emit``).
         """
         if node.domain in ("", "ai.onnx"):
             return True
         if node.domain != CONTRIB_DOMAIN or not self.allows_contrib:
-            return False
-        if self.name == "cuda" and node.op_type not in CUDA_CONTRIB_OPS:
             return False
         key = (node.domain, node.op_type, tuple(_dtype_of(v) for v in node.inputs))
         return _has_cpu_kernel(key, _node_proto(node))
@@ -132,12 +100,13 @@ class Target:
         after: Sequence[ir.Node],
         after_outputs: Sequence[ir.Value],
         shapes=None,
+        shadows: Sequence[str] = (),
     ) -> bool:
         """Whether to apply a rewrite of ``before`` into ``after`` (the fused nodes).
 
         False only when the target is measured and the fused nodes are slower beyond noise.
         """
-        check = self.measure_rewrite(before, before_outputs, after, after_outputs, shapes)
+        check = self.measure_rewrite(before, before_outputs, after, after_outputs, shapes, shadows)
         return check is None or not check.declined
 
     def measure_rewrite(
@@ -147,12 +116,14 @@ class Target:
         after: Sequence[ir.Node],
         after_outputs: Sequence[ir.Value],
         shapes=None,
+        shadows: Sequence[str] = (),
     ):  # -> KernelCheck | None
         """Time ``after`` against ``before`` on this target (``graph_passes/kernel_timing``).
 
         None when this target is not measured (``time_kernels`` off, or not ``cpu``: only
         the local CPU can be timed here). Each measurement is kept in ``kernel_checks``.
-        ``shapes``: proven dims by ``id()`` of a value (``kernel_timing.check_rewrite``).
+        ``shapes``: proven dims by ``id()`` of a value; ``shadows``: ORT transformers off on
+        the unfused side (both as ``kernel_timing.check_rewrite``).
         """
         if not self.measures or not before:
             return None
@@ -163,7 +134,9 @@ class Target:
         for node in after:
             opsets.setdefault(node.domain, 1)
         opsets.setdefault("", 17)
-        check = check_rewrite(before, before_outputs, after, after_outputs, opsets, shapes=shapes)
+        check = check_rewrite(
+            before, before_outputs, after, after_outputs, opsets, shapes=shapes, shadows=shadows
+        )
         pattern = (check.fused, tuple(v.name for node in before for v in node.outputs))
         if pattern not in self._checked:
             self._checked.add(pattern)

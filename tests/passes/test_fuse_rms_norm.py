@@ -8,6 +8,7 @@ import onnx_ir as ir
 import pytest
 
 from graph_passes.fusions.rms_norm import FuseRMSNorm
+from graph_passes.target import kernel_timing
 from graph_passes.target.targets import Target
 from graph_passes.testing.helpers import apply_pass, assert_parity, check, model_from_text, op_list
 
@@ -139,3 +140,20 @@ def test_near_miss_is_kept(name):
         ]
     model, out, pass_ = run(KEEP[name], feeds=feeds)
     assert pass_.matches == 0 and pass_.blocked == 0 and op_list(out) == op_list(model)
+
+
+def test_residual_fusion_on_a_timed_target(monkeypatch, tmp_path):
+    """The residual (SkipSimplified) path timed on a cpu target: it once crashed with
+    "'FuseSkipLayerNorm' object has no attribute '_model'" (rms_norm borrowed a half-set-up
+    skip_layer_norm pass to fuse the residual)."""
+    monkeypatch.setenv("OVO_CACHE_DIR", str(tmp_path))
+    timed = []
+
+    def faster(original, candidate, threads, shadows):
+        timed.append(shadows)
+        return 0.8, 9, "faster"
+
+    monkeypatch.setattr(kernel_timing, "_measure", faster)
+    _, out, _ = run(graph(opset=17, **RESIDUAL), Target("cpu", time_kernels=True))
+    assert op_list(out) == ["SkipSimplifiedLayerNormalization", "Neg", "Add"]
+    assert timed == [FuseRMSNorm.shadows]
