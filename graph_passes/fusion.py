@@ -20,7 +20,7 @@ The registry finds fusions by scanning ``graph_passes/fusions`` (graph_passes/re
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -76,28 +76,11 @@ class Fusion(GraphPass):
         """Whether the standard ``op_type`` exists at the model's default-domain opset."""
         return model_opset >= self.emits.standard[op_type]
 
-    def rewrite_pays(
-        self,
-        before: Sequence[ir.Node],
-        before_outputs: Sequence[ir.Value],
-        after: Sequence[ir.Node],
-        after_outputs: Sequence[ir.Value],
-        shapes=None,
-    ) -> bool:
-        """``Target.rewrite_pays`` with this fusion's shadowed ORT transformers."""
-        return self.target.rewrite_pays(
-            before, before_outputs, after, after_outputs, shapes, shadows=self.shadows
-        )
+    def rewrite_pays(self, *rewrite) -> bool:
+        """``Target.rewrite_pays(before, before_outputs, after, after_outputs[, shapes])``
+        with this fusion's shadowed ORT transformers off on the unfused side."""
+        return self.target.rewrite_pays(*rewrite, shadows=self.shadows)
 
-    def measure_rewrite(
-        self,
-        before: Sequence[ir.Node],
-        before_outputs: Sequence[ir.Value],
-        after: Sequence[ir.Node],
-        after_outputs: Sequence[ir.Value],
-        shapes=None,
-    ) -> KernelCheck | None:
-        """``Target.measure_rewrite`` with this fusion's shadowed ORT transformers."""
-        return self.target.measure_rewrite(
-            before, before_outputs, after, after_outputs, shapes, shadows=self.shadows
-        )
+    def measure_rewrite(self, *rewrite) -> KernelCheck | None:
+        """``Target.measure_rewrite`` (same arguments) with this fusion's ``shadows``."""
+        return self.target.measure_rewrite(*rewrite, shadows=self.shadows)
