@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from models import common, minilm
-from models.zoo import Feeds, ZooEntry
+from models.entry import Feeds, ZooEntry
 
 VOCAB = 30522
 CLS, SEP, PAD = 101, 102, 0

@@ -6,7 +6,7 @@ which exporters it supports. ``tiny=True`` builds a few-layer, narrow version of
 architecture: same graph patterns, seconds to export, which is what the tests use.
 
 Exporting and validating against PyTorch lives in ``models.export``; this module only
-describes. The registry is written out by hand, like ``graph_passes.REGISTRY``.
+describes. The registry is written out by hand.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ __all__ = ["ZOO", "Feeds", "ZooEntry"]
 
 
 def _registry() -> dict[str, ZooEntry]:
-    # Imported here: the family modules import ZooEntry from this module.
     from models import (
         bert_base,
         gpt2,

@@ -15,18 +15,17 @@ Ends with the line ``N graphs, F failures``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import multiprocessing
 import sys
 import time
 from pathlib import Path
 
+from graph_passes.testing import fuzzing
+from pipeline.recipe import load_recipe
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from graph_passes.testing import fuzzing  # noqa: E402
-
 REGRESSIONS = ROOT / "tests" / "fuzz_regressions"
+DEFAULT_PASSES = load_recipe("default").passes
 
 
 def _one(seed: int) -> tuple[int, bool, list[fuzzing.Failure], bytes]:
@@ -34,20 +33,11 @@ def _one(seed: int) -> tuple[int, bool, list[fuzzing.Failure], bytes]:
     if not fuzzing.is_valid(proto):
         return seed, False, [], b""
     try:
-        failures = fuzzing.check_model(proto)
+        failures = fuzzing.check_model(proto, DEFAULT_PASSES)
     except Exception as exc:  # the harness itself must not stop a campaign
         failures = [fuzzing.Failure("harness", "raised", repr(exc))]
     data = proto.SerializeToString() if failures else b""
     return seed, True, failures, data
-
-
-def save(failure: fuzzing.Failure, data: bytes, folder: Path) -> Path:
-    """Write the failing graph once per (pass, graph) as ``<pass>-<hash>.onnx``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256(data).hexdigest()[:12]
-    path = folder / f"{failure.pass_name}-{digest}.onnx"
-    path.write_bytes(data)
-    return path
 
 
 def main() -> int:
@@ -69,7 +59,7 @@ def main() -> int:
             skipped += not valid
             for failure in found:
                 failures += 1
-                path = save(failure, data, args.out)
+                path = fuzzing.save_failure(failure, data, args.out)
                 reason = " ".join(failure.reason.split())[-300:]
                 print(f"FAIL seed={seed} {failure.pass_name} {failure.stage}: {reason}")
                 print(f"  saved {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")

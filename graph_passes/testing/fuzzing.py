@@ -16,9 +16,11 @@ or changed the outputs beyond rtol=1e-4 / atol=1e-5 on ``generate_input_sets`` i
 
 from __future__ import annotations
 
+import hashlib
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -531,19 +533,17 @@ def _check_one(
     return None
 
 
-def default_recipe() -> list[str]:
-    from pipeline.recipe import load_recipe
-
-    return list(load_recipe(RECIPE).passes)
-
-
-def targets() -> dict[str, list[str]]:
-    """What is checked: every registered pass alone, then the default recipe."""
-    return {**{name: [name] for name in REGISTRY}, RECIPE: default_recipe()}
+def targets(recipe_passes: Sequence[str]) -> dict[str, list[str]]:
+    """What is checked: every registered pass alone, then ``recipe_passes`` (the default
+    recipe's, supplied by the caller: graph_passes does not reach up into pipeline)."""
+    return {**{name: [name] for name in REGISTRY}, RECIPE: list(recipe_passes)}
 
 
-def check_model(proto: onnx.ModelProto, names: list[str] | None = None) -> list[Failure]:
-    """Failures of each target (all of ``targets()`` unless ``names`` picks some)."""
+def check_model(
+    proto: onnx.ModelProto, recipe_passes: Sequence[str], names: list[str] | None = None
+) -> list[Failure]:
+    """Failures of each target (all of ``targets(recipe_passes)`` unless ``names`` picks
+    some)."""
     model = ir.from_proto(proto)
     sets = inputs.generate_input_sets(model)
     session = runners.create_session(model)
@@ -552,10 +552,19 @@ def check_model(proto: onnx.ModelProto, names: list[str] | None = None) -> list[
     ]
     unchanged = ir.to_proto(ir.from_proto(proto)).SerializeToString(deterministic=True)
     failures = []
-    for target, passes in targets().items():
+    for target, passes in targets(recipe_passes).items():
         if names is not None and target not in names:
             continue
         problem = _check_one(proto, passes, sets, expected, unchanged)
         if problem is not None:
             failures.append(Failure(target, *problem))
     return failures
+
+
+def save_failure(failure: Failure, data: bytes, folder: Path) -> Path:
+    """Write the failing graph once per (pass, graph) as ``<pass>-<hash>.onnx``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(data).hexdigest()[:12]
+    path = folder / f"{failure.pass_name}-{digest}.onnx"
+    path.write_bytes(data)
+    return path
