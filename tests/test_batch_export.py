@@ -1,4 +1,5 @@
-"""scripts/batch_export.py: manifest, resumability, failure isolation, exit codes, atomicity.
+"""models/batch.py (run by scripts/batch_export.py): manifest, resumability, failure
+isolation, exit codes, atomicity.
 
 Most tests inject a fake export function that writes a one-node ONNX model, so they run in
 milliseconds in-process (``jobs=1``). The fakes are top-level functions so the process-pool
@@ -21,10 +22,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+from models import batch as batch_export
 
-import batch_export  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 NAMES = ["alpha", "beta", "gamma"]
 RECORD_FIELDS = {

@@ -1,4 +1,5 @@
-"""scripts/bench_peers.py: each tool in its own subprocess, failures recorded verbatim.
+"""pipeline/bench/peers.py (scripts/bench_peers.py): each tool in its own subprocess,
+failures recorded verbatim.
 
 A tiny model and a few tools: onnxscript (a real peer), ``ort-transformers`` (not applicable
 to a model without a Hugging Face config: no subprocess), and tools of our own given as
@@ -8,28 +9,17 @@ or hang. The run must go on past every failure and say what each one was.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import textwrap
 from pathlib import Path
 
 import onnx
 import pytest
 
+from pipeline.bench import doc_sections, peers
+
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-peers = _load("bench_peers")
-doc_sections = _load("doc_sections")
 
 MODEL = """
 <ir_version: 8, opset_import: ["" : 17]>

@@ -1,28 +1,15 @@
-"""Smoke tests of scripts/bench_quant.py's pure functions (no model is loaded or exported)."""
+"""Smoke tests of pipeline/bench/quant.py's pure functions (no model is loaded or exported)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from pipeline.bench import quant as bench
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_quant", ROOT / "scripts" / "bench_quant.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_quant", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
 
 
 def test_mean_pool_ignores_padding_positions():

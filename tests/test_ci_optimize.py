@@ -1,4 +1,5 @@
-"""The CI optimization job (scripts/ci_optimize.py) gates what it must and only that.
+"""The CI optimization job (pipeline/ci_gate.py, run by scripts/ci_optimize.py) gates what it
+must and only that.
 
 Runs in-process on small models/kinds.py models (no torch export): a baseline recorded by the
 same code passes; an injected parity-breaking pass, a weaker recipe and a worse figure fail
@@ -8,28 +9,15 @@ with a readable reason; a model missing from the baseline only warns.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from pipeline import ci_gate as ci
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = "float_mlp,paddle_ocr,output_32_1_8210"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location(
-        "ci_optimize", ROOT / "scripts" / "ci_optimize.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ci_optimize"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ci = _load_script()
 
 
 def _run(tmp: Path, baseline: Path, *extra: str, models: str = MODELS) -> int:
