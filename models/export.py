@@ -33,6 +33,7 @@ import numpy as np
 
 from models.zoo import ZOO, Feeds, ZooEntry
 from pipeline.runtime.compare import Comparison, Tolerance, compare_sets
+from pipeline.runtime.sessions import open_session
 
 logger = logging.getLogger(__name__)
 
@@ -263,7 +264,7 @@ def run_onnx(path: Path, feed_sets: list[Feeds]) -> list[dict[str, np.ndarray]]:
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = open_session(path, options)
     wanted = {i.name for i in session.get_inputs()}
     names = [o.name for o in session.get_outputs()]
     results = []

@@ -274,8 +274,9 @@ if result["available"]:
     try:
         so = ort.SessionOptions()
         so.log_severity_level = 2
-        session = ort.InferenceSession(model.SerializeToString(), so,
-                                       providers=[(name, options), "CPUExecutionProvider"])
+        from pipeline.runtime.sessions import open_session
+        session = open_session(model.SerializeToString(), so,
+                               providers=[(name, options), "CPUExecutionProvider"])
         result["providers"] = session.get_providers()
         import numpy as np
         session.run(None, {"x": np.ones((1, 4), np.float32)})
@@ -754,7 +755,7 @@ def node_placement(
     """Run ``model`` once with ORT's profiler on and report where each node ran."""
     import onnxruntime as ort
 
-    from pipeline.runtime.sessions import OPT_LEVELS
+    from pipeline.runtime.sessions import OPT_LEVELS, open_session
 
     folder = tempfile.mkdtemp(prefix="ovo-profile-")
     try:
@@ -763,7 +764,7 @@ def node_placement(
         so.log_severity_level = 3
         so.enable_profiling = True
         so.profile_file_prefix = str(Path(folder) / "profile")
-        session = ort.InferenceSession(model, so, providers=list(providers))
+        session = open_session(model, so, list(providers))
         wanted = {i.name for i in session.get_inputs()}
         session.run(None, {k: v for k, v in feeds.items() if k in wanted})
         path = session.end_profiling()

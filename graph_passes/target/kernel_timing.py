@@ -39,6 +39,7 @@ import onnx
 import onnx_ir as ir
 
 from graph_passes.target import timing_store
+from pipeline.runtime.sessions import open_session
 
 logger = logging.getLogger(__name__)
 
@@ -493,12 +494,7 @@ def _measure(original: _Cut, candidate: _Cut, threads: int, shadows: Sequence[st
     sessions = []
     try:
         for cut, disabled in ((original, list(shadows)), (candidate, [])):
-            session = ort.InferenceSession(
-                cut.model,
-                options,
-                providers=["CPUExecutionProvider"],
-                disabled_optimizers=disabled,
-            )
+            session = open_session(cut.model, options, disabled_optimizers=disabled)
             feeds = cut.feed_dict()
             single = min(_seconds(session, feeds, 1) for _ in range(3))
             sessions.append((session, feeds, single))

@@ -35,6 +35,8 @@ from typing import ClassVar
 import onnx
 import onnx_ir as ir
 
+from pipeline.runtime.sessions import open_session
+
 logger = logging.getLogger(__name__)
 
 TARGETS = ("cpu", "cuda", "portable")
@@ -193,7 +195,7 @@ def _has_cpu_kernel(key: tuple, model_bytes: bytes) -> bool:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4
     try:
-        ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        open_session(model_bytes, options)
     except Exception as exc:  # noqa: BLE001 - no kernel, unknown op, or wrong input types
         logger.info("%s.%s with input types %s cannot run on CPU: %s", *key[:3], exc)
         return False

@@ -34,6 +34,7 @@ import numpy as np
 from pipeline import providers as providers_mod
 from pipeline.bench.doc_sections import write_section
 from pipeline.bench.harness import BenchConfig, run_bench
+from pipeline.runtime.sessions import open_session
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -91,10 +92,7 @@ def _parity(reference: Path, candidate: Path, feeds: list[dict]) -> float:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     worst = 0.0
-    sessions = [
-        ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
-        for p in (reference, candidate)
-    ]
+    sessions = [open_session(p, options) for p in (reference, candidate)]
     for feed in feeds:
         runs = []
         for session in sessions:

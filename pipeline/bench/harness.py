@@ -48,6 +48,7 @@ import numpy as np
 from pipeline import providers as providers_mod
 from pipeline.runtime import inputs as inputs_mod
 from pipeline.runtime.errors import UserError
+from pipeline.runtime.sessions import open_session
 
 logger = logging.getLogger(__name__)
 
@@ -275,7 +276,7 @@ def _worker(conn) -> None:  # pragma: no cover - runs in a child process
                 io_binding = settings.get("io_binding", False)
                 device_id = settings.get("device_id", 0)
                 start = time.perf_counter()
-                session = ort.InferenceSession(path, so, providers=providers)
+                session = open_session(path, so, providers)
                 created = time.perf_counter() - start
                 conn.send(
                     {

@@ -38,6 +38,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
+from pipeline.runtime.sessions import open_session
+
 ROOT = Path(__file__).resolve().parents[2]
 
 logger = logging.getLogger("bench_quant")
@@ -122,7 +124,7 @@ def session(path: Path | str, threads: int):
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return open_session(path, options)
 
 
 def run_all(sess, feeds_list: Sequence[Feeds], output: int = 0) -> list[np.ndarray]:

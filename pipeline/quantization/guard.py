@@ -44,6 +44,8 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
+from pipeline.runtime.sessions import open_session
+
 logger = logging.getLogger(__name__)
 
 Feeds = dict[str, np.ndarray]
@@ -59,7 +61,7 @@ def session(model: onnx.ModelProto | str, optimization: str = "all") -> ort.Infe
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     source = model if isinstance(model, str) else model.SerializeToString()
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return open_session(source, options)
 
 
 def run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict[str, object]:

@@ -158,6 +158,25 @@ def _link_external_file(tensor: ir.ExternalTensor, scratch: Path) -> None:
         shutil.copyfile(source, link)
 
 
+def open_session(
+    source: str | bytes | os.PathLike,
+    options: ort.SessionOptions | None = None,
+    providers: list | None = None,
+    **kwargs,
+) -> ort.InferenceSession:
+    """The one place an ONNX Runtime session is created (a path or serialized bytes).
+
+    Everything that runs a model (verification, timing, kernel probes, benchmarks, the
+    provider probe) comes through here, so how sessions are made is decided once.
+    ``kwargs`` go to ``InferenceSession`` (``disabled_optimizers``, ``provider_options``).
+    """
+    if isinstance(source, os.PathLike):
+        source = str(source)
+    return ort.InferenceSession(
+        source, options, providers=providers or ["CPUExecutionProvider"], **kwargs
+    )
+
+
 def create_session(
     model: ir.Model,
     *,
@@ -171,15 +190,12 @@ def create_session(
     options.log_severity_level = 3
     if intra_op_threads is not None:
         options.intra_op_num_threads = intra_op_threads
-    providers = providers or ["CPUExecutionProvider"]
     start = time.perf_counter()
     if has_external_tensors(model):
         with model_on_disk(model) as path:
-            inner = ort.InferenceSession(str(path), options, providers=providers)
+            inner = open_session(path, options, providers)
     else:
-        inner = ort.InferenceSession(
-            opaque_types.to_proto(model).SerializeToString(), options, providers=providers
-        )
+        inner = open_session(opaque_types.to_proto(model).SerializeToString(), options, providers)
     return Session(inner, time.perf_counter() - start)
 
 
