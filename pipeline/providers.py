@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.runtime import machine
 from pipeline.runtime.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -604,11 +605,6 @@ def tensorrt_version(probes: Sequence[Probe]) -> str:
     return "unknown"
 
 
-def default_cache_root() -> Path:
-    root = os.environ.get("OVO_CACHE_DIR")
-    return Path(root) if root else Path.home() / ".cache" / "onnx-verified-optimizer"
-
-
 def tensorrt_cache_dir(model_sha256: str, trt_version: str, gpu: str, root: Path) -> Path:
     """A cache folder per (model, TensorRT version, GPU): an engine built for one of them is
     wrong for the others, and TensorRT does not always notice."""
@@ -665,7 +661,7 @@ def finalize_tensorrt(
         return
     name = ORT_NAMES["tensorrt"]
     opts = resolution.options.setdefault(name, {})
-    root = Path(resolution.harness_options.get("cache_dir") or default_cache_root())
+    root = Path(resolution.harness_options.get("cache_dir") or machine.cache_root())
     version = tensorrt_version(resolution.probes)
     cache = tensorrt_cache_dir(model_bytes_sha256, version, resolution.gpu_name, root)
     opts.setdefault("trt_engine_cache_enable", "True")

@@ -26,6 +26,7 @@ from graph_passes.target.kernel_timing import KernelCheck, check_rewrite
 from graph_passes.target.targets import Target
 from graph_passes.testing.helpers import apply_pass, assert_parity, model_from_text, op_list
 from pipeline.fusion_report import FusionRow, _row, kernel_timing_rows
+from pipeline.runtime import machine
 
 OPSETS = {"": 17}
 TIMED = Target("cpu", time_kernels=True)
@@ -130,10 +131,11 @@ def test_a_broken_or_unwritable_store_is_ignored(tmp_path, caplog) -> None:
 def test_the_store_is_per_machine_identity(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("OVO_CACHE_DIR", str(tmp_path))
     here = timing_store.store_path()
-    model, flags = timing_store._cpu_info()
-    monkeypatch.setattr(timing_store, "_cpu_info", lambda: (model, flags + " avx512_vnni"))
+    cpu = machine.cpu()
+    other_flags = machine.Cpu(cpu.model, cpu.flags | {"avx512_vnni_test"})
+    monkeypatch.setattr(machine, "cpu", lambda: other_flags)
     assert timing_store.store_path() != here, "same model name, other features: another file"
-    monkeypatch.setattr(timing_store, "_cpu_info", lambda: ("another CPU", flags))
+    monkeypatch.setattr(machine, "cpu", lambda: machine.Cpu("another CPU", cpu.flags))
     assert timing_store.store_path() != here and here.parent == tmp_path / "kernel_timing"
 
 

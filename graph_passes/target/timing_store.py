@@ -18,15 +18,13 @@ then measured as before.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import logging
 import os
-import platform
 from pathlib import Path
 
-from pipeline.providers import default_cache_root
+from pipeline.runtime import machine
 from pipeline.runtime.atomic_write import write_text_atomic
 
 try:
@@ -48,7 +46,8 @@ def machine_identity() -> dict[str, str]:
     the erf form's time on one, 1.18x on the other)."""
     import onnxruntime
 
-    model, flags = _cpu_info()
+    cpu = machine.cpu()
+    model, flags = cpu.model, " ".join(sorted(cpu.flags))
     return {
         "cpu": model,
         "cpu_flags": hashlib.sha256(flags.encode()).hexdigest()[:12],
@@ -58,26 +57,10 @@ def machine_identity() -> dict[str, str]:
     }
 
 
-@functools.cache  # read once: every kernel timing asks for the store's path
-def _cpu_info() -> tuple[str, str]:
-    """(model name, feature flags) from /proc/cpuinfo; elsewhere what ``platform`` says."""
-    found: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            name, _, value = line.partition(":")
-            name = name.strip()
-            if name in ("model name", "flags", "Features") and name not in found:
-                found[name] = value.strip()
-    except OSError:
-        pass
-    model = found.get("model name") or platform.processor() or platform.machine()
-    return model, found.get("flags") or found.get("Features", "")
-
-
 def store_path() -> Path:
     identity = json.dumps(machine_identity(), sort_keys=True)
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
-    return default_cache_root() / "kernel_timing" / f"{digest}.json"
+    return machine.cache_root() / "kernel_timing" / f"{digest}.json"
 
 
 def key(original_signature: str, candidate_signature: str, threads: int) -> str:

@@ -71,6 +71,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
+from pipeline.runtime import machine as machine_info
+
 ROOT = Path(__file__).resolve().parents[2]
 
 logger = logging.getLogger("bench_peers")
@@ -328,21 +330,11 @@ def tool_optimum_o3(job: dict) -> dict:
     return _tool_optimum_optimizer(job, "O3")
 
 
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def quantization_config_name() -> str:
     """Optimum's dynamic int8 config for this CPU (VNNI when the CPU has it)."""
     if platform.machine().lower() in ("arm64", "aarch64"):
         return "arm64"
-    flags = cpu_flags()
+    flags = machine_info.cpu().flags
     if "avx512_vnni" in flags or "avx512vnni" in flags:
         return "avx512_vnni"
     if "avx512f" in flags:
@@ -732,14 +724,7 @@ def format_tables(results: list[dict]) -> str:
 def machine() -> dict:
     import onnxruntime
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = machine_info.cpu().model
     versions = {"onnxruntime": onnxruntime.__version__}
     for package in ("onnx", "onnxsim", "onnxslim", "onnxscript", "onnx_ir", "optimum"):
         try:

@@ -1,4 +1,4 @@
-"""Which 8-bit types suit this CPU: read from /proc/cpuinfo, not guessed.
+"""Which 8-bit types suit this CPU: read from its flags (pipeline.runtime.machine), not guessed.
 
 ONNX Runtime's CPU int8 kernels (MLAS) multiply uint8 activations by int8 weights (U8S8).
 
@@ -18,11 +18,11 @@ measures latency, so a wrong guess costs speed or gets caught, never ships silen
 
 from __future__ import annotations
 
-import functools
 import logging
 import platform
 from dataclasses import dataclass
-from pathlib import Path
+
+from pipeline.runtime import machine as this_machine
 
 logger = logging.getLogger(__name__)
 
@@ -37,23 +37,9 @@ class IsaChoice:
     reason: str
 
 
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags of the first processor listed in /proc/cpuinfo (empty if none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
-
-
 def choose_int8_types(flags: frozenset[str] | None = None, machine: str | None = None) -> IsaChoice:
     """Pick activation type and weight range from the CPU's instruction set."""
-    flags = cpu_flags() if flags is None else flags
+    flags = this_machine.cpu().flags if flags is None else flags
     machine = (machine or platform.machine()).lower()
     if machine in ("aarch64", "arm64") or "asimd" in flags:
         return IsaChoice(
