@@ -19,6 +19,7 @@ import onnx_ir as ir
 import pytest
 
 from pipeline.bench import harness as B
+from pipeline.runtime import timing
 from tests import test_cli as cli_tests
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +82,7 @@ def test_latency_summary_percentiles_and_throughput() -> None:
     [(5, 0, 4), (6, 0, 5), (10, 1, 8), (20, 5, 14), (30, 9, 20)],
 )
 def test_median_ci_ranks_match_the_binomial_table(n: int, lo: int, hi: int) -> None:
-    got_lo, got_hi, coverage = B.median_ci_ranks(n)
+    got_lo, got_hi, coverage = timing.median_ci_ranks(n)
     assert (got_lo, got_hi) == (lo, hi)
     if n >= 6:
         assert coverage >= 0.95
@@ -94,7 +95,7 @@ def test_median_ci_ranks_match_the_binomial_table(n: int, lo: int, hi: int) -> N
 
 def test_median_ci_covers_the_true_median_at_least_95_percent() -> None:
     rng = np.random.default_rng(0)
-    lo, hi, _ = B.median_ci_ranks(20)
+    lo, hi, _ = timing.median_ci_ranks(20)
     hits = 0
     for _ in range(2000):
         sample = np.sort(rng.lognormal(0, 0.2, 20))
@@ -104,7 +105,7 @@ def test_median_ci_covers_the_true_median_at_least_95_percent() -> None:
 
 def test_real_speedup_is_claimed() -> None:
     base, model = synthetic_rounds(np.random.default_rng(1), 20, 0.7, 0.03, 0.2)
-    stats = B.ratio_stats(base, model)
+    stats = timing.ratio_stats(base, model)
     assert stats.verdict == "faster"
     assert stats.ci_low <= 0.7 <= stats.ci_high
     assert abs(stats.ratio - 1) > stats.noise
@@ -113,14 +114,14 @@ def test_real_speedup_is_claimed() -> None:
 
 def test_real_slowdown_is_claimed() -> None:
     base, model = synthetic_rounds(np.random.default_rng(2), 20, 1.3, 0.03, 0.2)
-    stats = B.ratio_stats(base, model)
+    stats = timing.ratio_stats(base, model)
     assert stats.verdict == "slower" and "slower" in stats.claim
 
 
 def test_difference_inside_the_noise_is_not_claimed() -> None:
     # A 3% difference measured with 20% per-sample jitter is not evidence of anything.
     base, model = synthetic_rounds(np.random.default_rng(3), 20, 0.97, 0.2, 0.2)
-    stats = B.ratio_stats(base, model)
+    stats = timing.ratio_stats(base, model)
     assert stats.verdict == "same", stats
     assert stats.noise > 0.03
     assert "no difference beyond noise" in stats.claim
@@ -129,13 +130,13 @@ def test_difference_inside_the_noise_is_not_claimed() -> None:
 def test_machine_drift_cancels_out_of_paired_ratios() -> None:
     # The machine gets 3x slower over the run, but the ratio is still found: rounds pair A/B.
     base, model = synthetic_rounds(np.random.default_rng(4), 20, 0.9, 0.01, 2.0)
-    stats = B.ratio_stats(base, model)
+    stats = timing.ratio_stats(base, model)
     assert stats.verdict == "faster" and stats.ratio == pytest.approx(0.9, abs=0.02)
 
 
 def test_ratio_stats_rejects_mismatched_rounds() -> None:
     with pytest.raises(ValueError):
-        B.ratio_stats([1.0, 2.0], [1.0])
+        timing.ratio_stats([1.0, 2.0], [1.0])
 
 
 def test_two_runs_of_the_same_pair_agree_within_their_noise() -> None:
@@ -144,24 +145,24 @@ def test_two_runs_of_the_same_pair_agree_within_their_noise() -> None:
     rng = np.random.default_rng(5)
     trials = 400
     agreed = sum(
-        B.agree(
-            B.ratio_stats(*synthetic_rounds(rng, 20, 0.8, 0.1, 0.3)),
-            B.ratio_stats(*synthetic_rounds(rng, 20, 0.8, 0.1, 0.3)),
+        timing.agree(
+            timing.ratio_stats(*synthetic_rounds(rng, 20, 0.8, 0.1, 0.3)),
+            timing.ratio_stats(*synthetic_rounds(rng, 20, 0.8, 0.1, 0.3)),
         )
         for _ in range(trials)
     )
     assert agreed / trials >= 0.95
-    fast = B.ratio_stats(*synthetic_rounds(rng, 20, 0.6, 0.02, 0.3))
-    slow = B.ratio_stats(*synthetic_rounds(rng, 20, 1.0, 0.02, 0.3))
-    assert not B.agree(fast, slow)
-    assert B.agree(fast.to_dict(), fast)
+    fast = timing.ratio_stats(*synthetic_rounds(rng, 20, 0.6, 0.02, 0.3))
+    slow = timing.ratio_stats(*synthetic_rounds(rng, 20, 1.0, 0.02, 0.3))
+    assert not timing.agree(fast, slow)
+    assert timing.agree(fast.to_dict(), fast)
 
 
 def test_runs_per_sample() -> None:
-    assert B.runs_per_sample(0.001, 0.02) == 20
-    assert B.runs_per_sample(0.5, 0.02) == 1
-    assert B.runs_per_sample(1e-7, 0.02) == 1000
-    assert B.runs_per_sample(0.0, 0.02) == 1000
+    assert timing.runs_per_sample(0.001, 0.02) == 20
+    assert timing.runs_per_sample(0.5, 0.02) == 1
+    assert timing.runs_per_sample(1e-7, 0.02) == 1000
+    assert timing.runs_per_sample(0.0, 0.02) == 1000
 
 
 # ----------------------------------------------------------------------- inputs

@@ -15,9 +15,10 @@ do in the real model); symbolic dims become concrete (a symbol first seen on axi
 the batch; any other is ``TOKENS``). Both run in ORT CPU sessions at ``ORT_ENABLE_ALL``
 (what users run), interleaved A B / B A, each sample repeated to at least
 ``MIN_SAMPLE_SECONDS``; the evidence is the per-round ratio fused/original. The fused form
-is called slower only when the median ratio is above ``1 + MARGIN`` and three quarters of
-the rounds agree. Near-ties keep the fusion: a kernel a few percent slower costs a fraction
-of a percent of a whole model, while declining on a tie would make the output flip between
+is called slower only when the median ratio is above ``1 + MARGIN`` and the noise of the
+project's one timing rule (``pipeline.runtime.timing``: the median's confidence interval).
+Near-ties keep the fusion: a kernel a few percent slower costs a fraction of a percent of a
+whole model, while declining on a tie would make the output flip between
 runs with the noise. A rewrite that cannot be cut out or run (unknown rank, a subgraph
 attribute, shape inputs that random data breaks) is "unmeasured" and keeps the fusion as
 before. Verdicts are kept per structure (op types, attributes, shapes, small constants) in
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +40,7 @@ import onnx_ir as ir
 
 from graph_passes.target import timing_store
 from pipeline.runtime.sessions import open_session
+from pipeline.runtime.timing import interleaved_rounds, ratio_stats, runs_per_sample, verdict
 
 logger = logging.getLogger(__name__)
 
@@ -500,15 +501,11 @@ def _measure(original: _Cut, candidate: _Cut, threads: int, shadows: Sequence[st
             sessions.append((session, feeds, single))
     except Exception as exc:  # noqa: BLE001 - guessed shapes or data the nodes reject
         return None, 0, f"cannot run: {str(exc).splitlines()[0][:160]}"
-    runs = max(1, math.ceil(MIN_SAMPLE_SECONDS / max(min(s for *_, s in sessions), 1e-7)))
-    ratios: list[float] = []
-    for round_ in range(MAX_ROUNDS):
-        order = (0, 1) if round_ % 2 == 0 else (1, 0)
-        took = {i: _seconds(sessions[i][0], sessions[i][1], runs) for i in order}
-        ratios.append(took[1] / took[0])
-        if len(ratios) >= MIN_ROUNDS and _decisive(ratios):
-            break
-    return statistics.median(ratios), len(ratios), _verdict(ratios)
+    runs = runs_per_sample(min(single for *_, single in sessions), MIN_SAMPLE_SECONDS)
+    samplers = [lambda n, s=session, f=feeds: _seconds(s, f, n) for session, feeds, _ in sessions]
+    original_times, fused_times = interleaved_rounds(samplers, MAX_ROUNDS, runs, done=_decisive)
+    ratios = np.asarray(fused_times) / np.asarray(original_times)
+    return float(np.median(ratios)), len(ratios), _verdict(ratios)
 
 
 def _seconds(session, feeds: dict, runs: int) -> float:
@@ -518,16 +515,17 @@ def _seconds(session, feeds: dict, runs: int) -> float:
     return time.perf_counter() - start
 
 
-def _decisive(ratios: list[float]) -> bool:
-    return all(r > 1 + DECISIVE for r in ratios) or all(r < 1 - DECISIVE for r in ratios)
+def _decisive(samples: list[list[float]]) -> bool:
+    """Stop early: enough rounds, and every one of them far on the same side of 1."""
+    original, fused = samples
+    if len(fused) < MIN_ROUNDS:
+        return False
+    ratios = np.asarray(fused) / np.asarray(original)
+    return bool(np.all(ratios > 1 + DECISIVE) or np.all(ratios < 1 - DECISIVE))
 
 
 def _verdict(ratios: Sequence[float]) -> str:
-    """slower / faster only when the median is past the margin and 3/4 of rounds agree."""
-    median = statistics.median(ratios)
-    low, high = np.percentile(ratios, [25, 75])
-    if median > 1 + MARGIN and low > 1:
-        return "slower"
-    if median < 1 - MARGIN and high < 1:
-        return "faster"
-    return "same"
+    """The project's one noise rule (``runtime.timing``) with this module's margin: slower
+    or faster only when the median ratio is off 1 by more than ``MARGIN`` and the noise."""
+    stats = ratio_stats(np.ones(len(ratios)), np.asarray(ratios, dtype=float))
+    return verdict(stats, MARGIN)

