@@ -30,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graph_passes.registry import REGISTRY, create_pass
 from pipeline.runtime import inputs
 from pipeline.runtime import sessions as runners
+from pipeline.runtime.compare import Tolerance, compare
 
 OPSET = 17
 RTOL, ATOL = 1e-4, 1e-5
@@ -523,13 +524,9 @@ def _check_one(
             actual = session.run(feeds)
         except Exception as exc:
             return "run", str(exc)
-        for name, want in reference.items():
-            got = np.asarray(actual[name])
-            if got.shape != np.asarray(want).shape:
-                return "parity", f"{name}: shape {got.shape} != {np.asarray(want).shape}"
-            if not np.allclose(got, want, rtol=RTOL, atol=ATOL):
-                worst = float(np.max(np.abs(got.astype(np.float64) - want)))
-                return "parity", f"{name}: max abs error {worst:g}"
+        comparison = compare(reference, actual, Tolerance(rtol=RTOL, atol=ATOL))
+        if not comparison.passed:
+            return "parity", comparison.summary()
     return None
 
 

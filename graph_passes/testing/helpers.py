@@ -11,6 +11,7 @@ import onnx_ir as ir
 from graph_passes.base import GraphPass
 from pipeline.runtime import inputs
 from pipeline.runtime import sessions as runners
+from pipeline.runtime.compare import Tolerance, compare_sets
 
 
 def model_from_text(text: str) -> ir.Model:
@@ -50,17 +51,12 @@ def assert_parity(
     ref_session = runners.create_session(reference, optimization="disable_all")
     cand_session = runners.create_session(candidate, optimization="disable_all")
     assert ref_session.output_names == cand_session.output_names
-    for feed in sets:
-        expected = ref_session.run(feed)
-        actual = cand_session.run(feed)
-        for name in ref_session.output_names:
-            np.testing.assert_allclose(
-                np.asarray(actual[name]).astype(np.float64),
-                np.asarray(expected[name]).astype(np.float64),
-                rtol=rtol,
-                atol=atol,
-                err_msg=f"output {name}",
-            )
+    comparison = compare_sets(
+        runners.run_all(ref_session, sets),
+        runners.run_all(cand_session, sets),
+        Tolerance(rtol=rtol, atol=atol),
+    )
+    assert comparison.passed, comparison.summary()
 
 
 class AddToSub(GraphPass):

@@ -34,6 +34,7 @@ import numpy as np
 from pipeline import providers as providers_mod
 from pipeline.bench.doc_sections import write_section
 from pipeline.bench.harness import BenchConfig, run_bench
+from pipeline.runtime.compare import Tolerance, compare_sets
 from pipeline.runtime.sessions import open_session
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,20 +88,21 @@ def _masks(batch: int, seq: int, rng: np.random.Generator) -> dict[str, np.ndarr
 
 
 def _parity(reference: Path, candidate: Path, feeds: list[dict]) -> float:
+    """Max abs difference over every output and input set (``runtime.compare``); padded
+    positions are compared too: both models compute them."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    worst = 0.0
-    sessions = [open_session(p, options) for p in (reference, candidate)]
-    for feed in feeds:
-        runs = []
-        for session in sessions:
-            names = {i.name for i in session.get_inputs()}
-            runs.append(session.run(None, {k: v for k, v in feed.items() if k in names})[0])
-        # Padded positions are compared too: both models compute them.
-        worst = max(worst, float(np.max(np.abs(runs[0] - runs[1]))))
-    return worst
+    outputs = []
+    for path in (reference, candidate):
+        session = open_session(path, options)
+        names = {i.name for i in session.get_inputs()}
+        outs = [o.name for o in session.get_outputs()]
+        runs = [session.run(None, {k: v for k, v in f.items() if k in names}) for f in feeds]
+        outputs.append([dict(zip(outs, run, strict=True)) for run in runs])
+    comparison = compare_sets(*outputs, Tolerance())
+    return max(o.max_abs_error for o in comparison.outputs)
 
 
 def _prepare(workdir: Path) -> dict[str, Path]:

@@ -72,6 +72,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 
 from pipeline.runtime import machine as machine_info
+from pipeline.runtime.compare import Tolerance, compare_sets
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -475,26 +476,17 @@ def _load_sets(folder: Path) -> list[dict[str, np.ndarray]]:
 
 
 def _parity(reference: list[dict], candidate: list[dict]) -> dict:
-    max_abs, cosines, problems = 0.0, [], []
-    for ref_set, cand_set in zip(reference, candidate, strict=True):
-        for name, ref in ref_set.items():
-            if name not in cand_set:
-                problems.append(f"output '{name}' missing")
-                continue
-            ref, cand = np.asarray(ref), np.asarray(cand_set[name])
-            if ref.shape != cand.shape:
-                problems.append(f"'{name}' shape {list(cand.shape)} != {list(ref.shape)}")
-                continue
-            a, b = ref.astype(np.float64).ravel(), cand.astype(np.float64).ravel()
-            if a.size:
-                max_abs = max(max_abs, float(np.max(np.abs(a - b))))
-                norm = float(np.linalg.norm(a) * np.linalg.norm(b))
-                cosines.append(float(a @ b / norm) if norm else float(np.array_equal(a, b)))
+    """Max abs difference and cosines of the candidate's outputs (``runtime.compare``);
+    ``error`` names outputs that are missing or shaped differently (not a tolerance)."""
+    comparison = compare_sets(reference, candidate, Tolerance())
+    floats = [o for o in comparison.outputs if o.max_abs_error is not None]
+    broken = [o for o in comparison.outputs if not o.passed and o.max_abs_error is None]
+    cosines = [o.cosine for o in floats if o.cosine is not None]
     return {
-        "max_abs_diff": max_abs,
+        "max_abs_diff": max((o.max_abs_error for o in floats), default=0.0),
         "mean_cosine": float(np.mean(cosines)) if cosines else None,
         "min_cosine": float(np.min(cosines)) if cosines else None,
-        "error": "; ".join(problems[:3]) or None,
+        "error": "; ".join(f"'{o.name}': {o.reason}" for o in broken[:3]) or None,
     }
 
 
