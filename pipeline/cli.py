@@ -17,7 +17,12 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.pass_manager import PassRecord
-from pipeline.providers import ProviderRequest, parse_provider_options
+from pipeline.providers import (
+    ProviderRequest,
+    parse_provider_options,
+    quantization_device,
+    required_target,
+)
 from pipeline.recipe import Recipe
 from pipeline.report import Report, write_report
 from pipeline.runtime.compare import Tolerance
@@ -50,8 +55,10 @@ def _provider_request(
 ) -> ProviderRequest:
     """Validate --provider/--provider-option now; TensorRT cannot take a contrib-op graph."""
     request = ProviderRequest(text, allow_fallback, parse_provider_options(options))
-    if request.names[0] == "tensorrt" and _pick_target(target, portable) in ("cpu", "cuda"):
-        raise UserError(f"--provider tensorrt needs the portable graph; drop --target {target}")
+    needed = required_target(text)
+    chosen = _pick_target(target, portable)
+    if needed and chosen not in (None, needed):
+        raise UserError(f"--provider {text} needs the {needed} graph; drop --target {target}")
     return request
 
 
@@ -83,7 +90,7 @@ def _quantize_options(
     """Validate the precision flags now (exit 2 on a bad value, before any work)."""
     from pipeline.quantization.stage import QuantizeOptions
 
-    device = "cuda" if provider.split(",")[0].strip() in ("cuda", "tensorrt") else "cpu"
+    device = quantization_device(provider)
     try:
         return QuantizeOptions(
             precision=precision,

@@ -55,20 +55,6 @@ from pipeline.runtime.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-ORT_NAMES = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-}
-SHORT_NAMES = {v: k for k, v in ORT_NAMES.items()}
-AUTO_ORDER = ("tensorrt", "cuda", "cpu")
-# Providers a session for the resolved one also lists, in order, for nodes it cannot take.
-SESSION_CHAIN = {
-    "tensorrt": ("tensorrt", "cuda", "cpu"),
-    "cuda": ("cuda", "cpu"),
-    "cpu": ("cpu",),
-}
-
 # Provider options we pass through to ONNX Runtime (documented ones of ORT 1.31), by provider.
 CUDA_OPTIONS = frozenset(
     {
@@ -114,6 +100,61 @@ TENSORRT_OPTIONS = frozenset(
         "trt_dump_subgraphs",
     }
 )
+
+
+@dataclass(frozen=True)
+class Provider:
+    """Everything the project knows about one execution provider, in one row.
+
+    Adding a provider is adding a row: the CLI, the graph target, quantization and sessions
+    read these fields, never the provider's name.
+    """
+
+    name: str  # what users type: cpu | cuda | tensorrt
+    ort_name: str
+    # The session's providers, in order: nodes the first cannot take fall to the next.
+    chain: tuple[str, ...]
+    options: frozenset[str]  # ONNX Runtime provider options passed through
+    # The graph target this provider needs whatever the recipe says (TensorRT parses
+    # standard ONNX only), or None.
+    required_target: str | None
+    # The target that replaces the default ``cpu`` one (CUDA: only ops with a CUDA kernel).
+    default_target: str
+    quantization_device: str  # cpu | cuda: which quantization kernels will run the model
+    gpu: bool
+    target_note: str = ""  # why the target changes, for the report
+
+
+PROVIDERS: dict[str, Provider] = {
+    p.name: p
+    for p in (
+        Provider("cpu", "CPUExecutionProvider", ("cpu",), frozenset(), None, "cpu", "cpu", False),
+        Provider(
+            "cuda",
+            "CUDAExecutionProvider",
+            ("cuda", "cpu"),
+            CUDA_OPTIONS,
+            None,
+            "cuda",
+            "cuda",
+            True,
+            "fusions emit only ops with a CUDA kernel",
+        ),
+        Provider(
+            "tensorrt",
+            "TensorrtExecutionProvider",
+            ("tensorrt", "cuda", "cpu"),
+            TENSORRT_OPTIONS,
+            "portable",
+            "portable",
+            "cuda",
+            True,
+            "TensorRT takes standard ONNX ops only",
+        ),
+    )
+}
+AUTO_ORDER = ("tensorrt", "cuda", "cpu")  # --provider auto: the first that works
+
 # Ours, not ORT's: used by this project, never handed to a session.
 HARNESS_OPTIONS = frozenset(
     {
@@ -190,7 +231,7 @@ def parse_provider_list(text: str) -> tuple[str, ...]:
         return AUTO_ORDER
     aliases = {"trt": "tensorrt", "gpu": "cuda"}
     names = tuple(aliases.get(p, p) for p in parts)
-    bad = [p for p in names if p not in ORT_NAMES]
+    bad = [p for p in names if p not in PROVIDERS]
     if not names or bad:
         raise UserError(
             f"--provider expects cpu, cuda, tensorrt, auto or a comma list of them, got '{text}'"
@@ -207,7 +248,7 @@ def parse_provider_options(texts: Sequence[str] | None) -> dict[str, str]:
     ``trt_fp16_enable=1`` and ``trt_fp16_enable=true`` mean the same and read the same in the
     report.
     """
-    known = CUDA_OPTIONS | TENSORRT_OPTIONS | HARNESS_OPTIONS
+    known = frozenset().union(*(p.options for p in PROVIDERS.values())) | HARNESS_OPTIONS
     options: dict[str, str] = {}
     for text in texts or []:
         key, sep, value = text.partition("=")
@@ -236,8 +277,7 @@ def parse_provider_options(texts: Sequence[str] | None) -> dict[str, str]:
 
 def options_for(provider: str, options: dict[str, str]) -> dict[str, str]:
     """The subset of the user's options that ONNX Runtime's ``provider`` takes."""
-    allowed = {"cuda": CUDA_OPTIONS, "tensorrt": TENSORRT_OPTIONS}.get(provider, frozenset())
-    return {k: v for k, v in options.items() if k in allowed}
+    return {k: v for k, v in options.items() if k in PROVIDERS[provider].options}
 
 
 # --------------------------------------------------------------------------- probing
@@ -324,7 +364,7 @@ def classify_failure(log: str, error: str, available: bool, provider: str) -> tu
     provider rejected an option), ``unknown`` (the first error line, verbatim).
     """
     text = _ANSI.sub("", log) + "\n" + error
-    ort_name = ORT_NAMES[provider]
+    ort_name = PROVIDERS[provider].ort_name
     if not available:
         return "not_in_build", (
             f"this onnxruntime build has no {ort_name} (install onnxruntime-gpu for CUDA/TensorRT)"
@@ -400,7 +440,7 @@ def _probe_cached(provider: str, options_json: str) -> Probe:
     start = time.perf_counter()
     if provider == "cpu":
         return Probe("cpu", True, "ok", "the CPU provider is always built in", 0.0)
-    ort_name = ORT_NAMES[provider]
+    ort_name = PROVIDERS[provider].ort_name
     env = dict(os.environ, ORT_LOGGING_LEVEL="2")
     try:
         done = subprocess.run(
@@ -465,20 +505,20 @@ class Resolution:
 
     @property
     def chain(self) -> tuple[str, ...]:
-        return SESSION_CHAIN[self.resolved]
+        return PROVIDERS[self.resolved].chain
 
     def session_providers(self) -> list[str | tuple[str, dict[str, str]]]:
         """The ``providers=`` argument for an InferenceSession on the resolved provider."""
         out: list[str | tuple[str, dict[str, str]]] = []
         for short in self.chain:
-            name = ORT_NAMES[short]
+            name = PROVIDERS[short].ort_name
             opts = self.options.get(name)
             out.append((name, dict(opts)) if opts else name)
         return out
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        data["session_providers"] = [ORT_NAMES[s] for s in self.chain]
+        data["session_providers"] = [PROVIDERS[s].ort_name for s in self.chain]
         return data
 
 
@@ -529,8 +569,8 @@ def resolve(request: ProviderRequest, prober: Prober | None = None) -> Resolutio
         reason = f"{chosen} was requested and works ({probes[-1].reason})"
     harness = {k: v for k, v in request.options.items() if k in HARNESS_OPTIONS}
     options = {
-        ORT_NAMES[s]: options_for(s, request.options)
-        for s in SESSION_CHAIN[chosen]
+        PROVIDERS[s].ort_name: options_for(s, request.options)
+        for s in PROVIDERS[chosen].chain
         if options_for(s, request.options)
     }
     resolution = Resolution(
@@ -548,9 +588,9 @@ def resolve(request: ProviderRequest, prober: Prober | None = None) -> Resolutio
     if unused:
         resolution.notes.append(
             f"provider option(s) {', '.join(unused)} ignored: they are not options of "
-            f"{', '.join(ORT_NAMES[s] for s in resolution.chain)}"
+            f"{', '.join(PROVIDERS[s].ort_name for s in resolution.chain)}"
         )
-    if chosen in ("cuda", "tensorrt"):
+    if PROVIDERS[chosen].gpu:
         resolution.gpu_name = gpu_name(int(request.options.get("device_id", "0")))
     logger.info("provider: %s", reason)
     return resolution
@@ -567,11 +607,25 @@ def target_for(resolved: str, target: str) -> tuple[str, str]:
     graph (never contrib ops). A CUDA run on the default ``cpu`` target gets ``cuda``: contrib
     ops that only have a CPU kernel would otherwise pull nodes back to the CPU.
     """
-    if resolved == "tensorrt" and target != "portable":
-        return "portable", f"target {target} -> portable: TensorRT takes standard ONNX ops only"
-    if resolved == "cuda" and target == "cpu":
-        return "cuda", "target cpu -> cuda: fusions emit only ops with a CUDA kernel"
+    provider = PROVIDERS[resolved]
+    if provider.required_target and target != provider.required_target:
+        note = f"target {target} -> {provider.required_target}: {provider.target_note}"
+        return provider.required_target, note
+    if target == "cpu" and provider.default_target != "cpu":
+        return provider.default_target, (
+            f"target cpu -> {provider.default_target}: {provider.target_note}"
+        )
     return target, ""
+
+
+def quantization_device(provider_text: str) -> str:
+    """Which quantization kernels the first provider of ``--provider`` runs (cpu | cuda)."""
+    return PROVIDERS[parse_provider_list(provider_text)[0]].quantization_device
+
+
+def required_target(provider_text: str) -> str | None:
+    """The graph target the first provider of ``--provider`` insists on, if any."""
+    return PROVIDERS[parse_provider_list(provider_text)[0]].required_target
 
 
 def gpu_name(device_id: int = 0) -> str:
@@ -659,7 +713,7 @@ def finalize_tensorrt(
     """
     if resolution.resolved != "tensorrt":
         return
-    name = ORT_NAMES["tensorrt"]
+    name = PROVIDERS["tensorrt"].ort_name
     opts = resolution.options.setdefault(name, {})
     root = Path(resolution.harness_options.get("cache_dir") or machine.cache_root())
     version = tensorrt_version(resolution.probes)
@@ -818,9 +872,10 @@ def check_on_provider(
         providers=session_providers,  # type: ignore[arg-type]
     )
     got = session.inner.get_providers()
-    if got[0] != ORT_NAMES[resolution.resolved]:
+    wanted = PROVIDERS[resolution.resolved].ort_name
+    if got[0] != wanted:
         raise UserError(
-            f"a session for the optimized model did not get {ORT_NAMES[resolution.resolved]} "
+            f"a session for the optimized model did not get {wanted} "
             f"(it got {', '.join(got)}), although the probe did"
         )
     outputs = runners.run_all(session, list(input_sets))

@@ -383,7 +383,7 @@ def test_gpu_probe_on_a_cpu_machine_names_the_reason(name: str) -> None:
 
     result = P.probe(name)
     assert not result.ok
-    if P.ORT_NAMES[name] in ort.get_available_providers():
+    if P.PROVIDERS[name].ort_name in ort.get_available_providers():
         assert result.kind in ("missing_library", "no_device", "version_mismatch"), result
         assert ".so" in result.reason or "GPU" in result.reason
     else:

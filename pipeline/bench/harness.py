@@ -421,7 +421,7 @@ def run_bench(config: BenchConfig, progress=None) -> dict:
                     "device_id": int(config.provider.options.get("device_id", "0")),
                 },
             )
-            wanted = providers_mod.ORT_NAMES[resolution.resolved]
+            wanted = providers_mod.PROVIDERS[resolution.resolved].ort_name
             if info["providers"][0] != wanted:
                 raise UserError(
                     f"{label}: the session got {info['providers'][0]}, not {wanted}, although "
