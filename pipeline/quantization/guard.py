@@ -44,6 +44,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
+from pipeline.quantization.tiers import Tier
 from pipeline.runtime.sessions import open_session
 
 logger = logging.getLogger(__name__)
@@ -269,7 +270,7 @@ class Evaluator:
 class Scheme:
     """How the tier quantizes, enough to simulate its round trip in numpy."""
 
-    tier: str  # int8-dynamic | int8-static | int4 | fp16
+    tier: Tier
     per_channel: bool = True
     reduce_range: bool = False
     symmetric_weights: bool = True
@@ -292,17 +293,18 @@ def _weight_axis(node: onnx.NodeProto, index: int, rank: int) -> int | None:
 
 def _qdq_weight(w: np.ndarray, axis: int | None, scheme: Scheme) -> np.ndarray:
     w = w.astype(np.float64)
-    if scheme.tier == "fp16":
+    if scheme.tier.half:
         return w.astype(np.float16).astype(np.float64)
-    if scheme.tier == "int4":
+    if scheme.tier.weight_only_bits is not None:
         if w.ndim != 2:
             return w
         k, n = w.shape
         pad = (-k) % scheme.block_size
         blocks = np.pad(w, ((0, pad), (0, 0))).reshape(-1, scheme.block_size, n)
-        scale = np.abs(blocks).max(axis=1, keepdims=True) / 7.0
+        top = 2 ** (scheme.tier.weight_only_bits - 1) - 1  # 7 for 4 bits
+        scale = np.abs(blocks).max(axis=1, keepdims=True) / top
         scale = np.where(scale == 0, 1.0, scale)
-        q = np.clip(np.round(blocks / scale), -8, 7) * scale
+        q = np.clip(np.round(blocks / scale), -top - 1, top) * scale
         return q.reshape(-1, n)[:k]
     qmax = 63.0 if scheme.reduce_range else 127.0
     if axis is None or not scheme.per_channel:
@@ -324,7 +326,7 @@ def _qdq_activation(
     x: np.ndarray, scheme: Scheme, params: tuple[float, int, str] | None
 ) -> np.ndarray:
     x = x.astype(np.float64)
-    if scheme.tier == "fp16":
+    if scheme.tier.half:
         return x.astype(np.float16).astype(np.float64)
     if params is not None:  # static: ORT's calibrated scale / zero point
         scale, zero, dtype = params
@@ -385,7 +387,7 @@ def sensitivity(
     """(node name, SQNR in dB) for ``nodes``, lowest (most sensitive) first."""
     by_name = {n.name: n for n in fp32.graph.node}
     inits = {i.name: i for i in fp32.graph.initializer}
-    params = _static_params(quantized) if scheme.tier == "int8-static" and quantized else {}
+    params = _static_params(quantized) if scheme.tier.calibrated and quantized else {}
     weight_nsr: dict[str, float] = {}
     activations: set[str] = set()
     for name in nodes:
@@ -402,7 +404,7 @@ def sensitivity(
                         continue
                     q = _qdq_weight(w, _weight_axis(node, index, w.ndim), scheme)
                     weight_nsr[tensor] = _nsr(w.astype(np.float64), q)
-            elif scheme.tier != "int4":
+            elif scheme.tier.weight_only_bits is None:  # weight-only: activations exact
                 activations.add(tensor)
     product_nodes = [by_name[n] for n in nodes if by_name[n].op_type in ("MatMul", "Gemm")]
     act_energy, out_energy = _activation_energy(

@@ -26,17 +26,9 @@ from pipeline.quantization.isa import choose_int8_types
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static", "int4", "auto")
+PRECISIONS = (*tiers.TIERS, "auto")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 INT4_ALGORITHMS = ("rtn", "hqq", "gptq")
-# The budget used when the user gives none: what each tier normally achieves on real models.
-DEFAULT_COSINE_DROP = {
-    "fp32": 0.0,
-    "fp16": 1e-3,
-    "int8-dynamic": 0.01,
-    "int8-static": 0.01,
-    "int4": 0.02,
-}
 MAX_GUARD_ROUNDS = 10
 # The guard may keep at most this share of the quantized nodes in float: beyond it the tier
 # is not worth having (it is mostly fp32 with conversion overhead), so it misses its budget.
@@ -61,7 +53,7 @@ class QuantizeOptions:
         exclude_nodes: Node names never quantized.
         exclude_op_types: Op types never quantized (fp16: kept in fp32).
         max_cosine_drop: Budget: ``1 - mean cosine`` to fp32 on every float output. None:
-            ``DEFAULT_COSINE_DROP`` of the tier.
+            the tier's ``default_cosine_drop`` (quantization/tiers.py).
         int4_block_size: MatMulNBits block size (power of two, >= 16).
         int4_algorithm: rtn | hqq | gptq (gptq needs calibration data).
         fp16_keep_io_types: Keep float32 graph inputs/outputs (Casts at the edges).
@@ -118,10 +110,10 @@ class QuantizeOptions:
             if not ok:
                 raise ValueError(message)
 
-    def budget(self, tier: str) -> float:
+    def budget(self, tier: tiers.Tier) -> float:
         if self.max_cosine_drop is not None:
             return self.max_cosine_drop
-        return DEFAULT_COSINE_DROP.get(tier, 0.01)
+        return tier.default_cosine_drop
 
 
 @dataclass
@@ -223,14 +215,14 @@ def _name_nodes(model: onnx.ModelProto) -> int:
     return count
 
 
-def _prepare(model: onnx.ModelProto, tier: str, options: QuantizeOptions, notes: list[str]):
+def _prepare(model: onnx.ModelProto, tier: tiers.Tier, options: QuantizeOptions, notes: list[str]):
     model, lifted = preprocess.lift_constants(model)
     if lifted:
         notes.append(
             f"{lifted} Constant node(s) lifted to initializers (ORT's quantizer finds weights "
             "and biases only among initializers)"
         )
-    if tier == "int4":
+    if tier.weight_only_bits is not None:
         model, lowered = preprocess.lower_gemm_to_matmul(model)
         if lowered:
             notes.append(
@@ -239,16 +231,16 @@ def _prepare(model: onnx.ModelProto, tier: str, options: QuantizeOptions, notes:
             )
     if _name_nodes(model):
         notes.append("unnamed nodes were given names so they can be excluded by name")
-    if tier.startswith("int8"):
+    if tier.int8:
         try:
             model, note = preprocess.raise_opset(model)
         except ValueError:
-            if options.per_channel or tier == "int8-static":
+            if options.per_channel or tier.calibrated:
                 raise
             note = ""
         if note:
             notes.append(note)
-    if tier in ("int8-dynamic", "int8-static"):
+    if tier.int8:
         model, note = preprocess.infer_shapes(model)
         if note:
             notes.append(note)
@@ -274,14 +266,15 @@ def _quantize_tier(
     fp32_path: Path,
     out_path: Path,
     options: QuantizeOptions,
-    tier: str,
+    tier_name: str,
     reference_feeds,
     calibration_feeds,
     tmp: Path,
 ) -> QuantizeResult:
     notes: list[str] = []
+    tier = tiers.TIERS[tier_name]
     budget = options.budget(tier)
-    if tier == "fp32":
+    if not tier.lowers:
         model = onnx.load(str(fp32_path))
         _write(model, out_path)
         return QuantizeResult(
@@ -304,19 +297,19 @@ def _quantize_tier(
         isa.activation_type if options.activation_type == "auto" else options.activation_type
     )
     reduce_range = isa.reduce_range if options.activation_type == "auto" else False
-    if tier.startswith("int8"):
+    if tier.int8:
         notes.append(
             f"int8 types from the CPU ({isa.isa}): activations {activation_type}, weights int8"
             + (" with 7-bit range" if reduce_range else "")
             + f" ({isa.reason})"
         )
-    if tier == "fp16" and options.device == "cpu":
+    if tier.slow_on_cpu and options.device == "cpu":
         notes.append(FP16_CPU_WARNING)
         logger.warning(FP16_CPU_WARNING)
-    static = tier == "int8-static"
+    static = tier.calibrated
     op_types = tiers.default_op_types(model, static, options.exclude_op_types)
-    if tier == "int4":
-        op_types = ["MatMul"]
+    if tier.weight_only_bits is not None:
+        op_types = ["MatMul"]  # MatMulNBits replaces MatMul only
     scheme = guard.Scheme(
         tier=tier,
         per_channel=options.per_channel,
@@ -327,7 +320,8 @@ def _quantize_tier(
 
     reader_factory = None
     cache_path = None
-    if static or (tier == "int4" and options.int4_algorithm == "gptq"):
+    gptq = tier.weight_only_bits is not None and options.int4_algorithm == "gptq"
+    if static or gptq:
         sources = _calibration_sources(model, options, calibration_feeds, notes)
         dtypes = calibration.input_dtypes(model)
 
@@ -369,7 +363,7 @@ def _quantize_tier(
 
     def make(excluded: list[str]) -> Path:
         target = tmp / f"candidate-{next(counter)}.onnx"
-        if tier == "int8-dynamic":
+        if tier.int8 and not tier.calibrated:
             tiers.int8_dynamic(
                 prepared,
                 target,
@@ -379,7 +373,7 @@ def _quantize_tier(
                 symmetric_weights=options.symmetric_weights,
                 exclude_nodes=excluded,
             )
-        elif tier == "int8-static":
+        elif tier.calibrated:
             tiers.int8_static(
                 prepared,
                 target,
@@ -393,7 +387,7 @@ def _quantize_tier(
                 exclude_nodes=excluded,
                 quant_format=options.quant_format,
             )
-        elif tier == "fp16":
+        elif tier.half:
             converted, removed = tiers.fp16(
                 onnx.load(str(prepared)),
                 keep_io_types=options.fp16_keep_io_types,
@@ -403,7 +397,7 @@ def _quantize_tier(
             if removed and not any("Cast pair" in n for n in notes):
                 notes.append(f"removed {removed} redundant Cast pair(s) (fp16 -> fp32 -> fp16)")
             _write(converted, target)
-        elif tier == "int4":
+        elif tier.weight_only_bits == 4:
             reader = reader_factory(None) if reader_factory is not None else None
             lowered = tiers.int4(
                 onnx.load(str(prepared)),
@@ -415,7 +409,7 @@ def _quantize_tier(
             )
             _write(lowered, target)
         else:  # pragma: no cover - validated in QuantizeOptions
-            raise ValueError(tier)
+            raise ValueError(tier.name)
         return target
 
     evaluator = guard.Evaluator(str(prepared), reference_feeds)
@@ -424,7 +418,7 @@ def _quantize_tier(
     accuracy = evaluator.measure(str(candidate))
     first_accuracy = accuracy
     lowered = onnx.load(str(candidate), load_external_data=False)
-    if tier == "fp16":
+    if tier.half:
         quantized = [
             n.name
             for n in model.graph.node
@@ -432,7 +426,7 @@ def _quantize_tier(
         ]
     else:
         quantized = guard.quantized_nodes(model, lowered, set(op_types))
-    if tier == "int4":
+    if tier.weight_only_bits is not None:
         matmuls = sum(1 for n in model.graph.node if n.op_type == "MatMul")
         notes.append(f"int4: {len(quantized)} of {matmuls} MatMul node(s) became MatMulNBits")
     ranking: list[tuple[str, float]] = []
@@ -464,7 +458,7 @@ def _quantize_tier(
     _write(final, out_path)
     return QuantizeResult(
         model_path=out_path,
-        precision=tier,
+        precision=tier.name,
         excluded_nodes=excluded + auto_excluded,
         sensitivity=ranking,
         accuracy=accuracy.flat(),
@@ -472,7 +466,7 @@ def _quantize_tier(
         candidates=[],
         max_cosine_drop=budget,
         within_budget=ok,
-        summary=f"{tier}: {accuracy.summary(budget)}",
+        summary=f"{tier.name}: {accuracy.summary(budget)}",
         accuracy_details=accuracy.to_dict(),
         isa=isa.isa,
         quantized_nodes=len(quantized) - len(auto_excluded),
@@ -491,21 +485,18 @@ def _schedule(total: int) -> list[int]:
 
 def _auto_tiers(options: QuantizeOptions, calibrated: bool) -> list[tuple[str, QuantizeOptions]]:
     """The candidates ``auto`` builds, each measured for accuracy and latency against fp32."""
-    tried = [("int8-dynamic", dataclasses.replace(options, precision="int8-dynamic"))]
-    if calibrated:
-        for fmt in ("qdq", "qoperator"):
-            tried.append(
-                (
-                    f"int8-static-{fmt}",
-                    dataclasses.replace(options, precision="int8-static", quant_format=fmt),
+    tried = []
+    for tier in tiers.TIERS.values():
+        if not tier.lowers or not (tier.auto_on_cpu or options.device == "cuda"):
+            continue
+        if not tier.calibrated:
+            tried.append((tier.name, dataclasses.replace(options, precision=tier.name)))
+        elif calibrated:
+            for fmt in ("qdq", "qoperator"):
+                label = f"{tier.name}-{fmt}"
+                tried.append(
+                    (label, dataclasses.replace(options, precision=tier.name, quant_format=fmt))
                 )
-            )
-    # int4 weight-only is only worth it where its MatMulNBits kernels are fast (decoders with
-    # big weights); HQQ int4 measured 3.5x SLOWER than fp32 on CPU, so it is a candidate like
-    # any other: built, measured, and chosen only when faster within budget.
-    tried.append(("int4", dataclasses.replace(options, precision="int4")))
-    if options.device == "cuda":
-        tried.append(("fp16", dataclasses.replace(options, precision="fp16")))
     return tried
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -35,6 +36,41 @@ from onnxruntime.quantization import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Tier:
+    """One precision tier, as data: what the stage and the guard branch on.
+
+    Adding a tier is one row here plus its lowering function below; nothing compares tier
+    names.
+    """
+
+    name: str
+    default_cosine_drop: float  # the budget when the user gives none: what it usually keeps
+    lowers: bool = True  # fp32 is the tier that changes nothing
+    int8: bool = False  # int8 types from the CPU's ISA, opset raised, shapes inferred
+    calibrated: bool = False  # static activation ranges: needs calibration data
+    half: bool = False  # float16 weights and activations
+    weight_only_bits: int | None = None  # weights only, blockwise (MatMulNBits): 4
+    slow_on_cpu: bool = False  # ORT's CPU provider has few kernels for it: warn
+    auto_on_cpu: bool = True  # built and measured by ``--precision auto`` on CPU
+
+
+TIERS: dict[str, Tier] = {
+    t.name: t
+    for t in (
+        # in the order ``auto`` tries them
+        Tier("fp32", 0.0, lowers=False, auto_on_cpu=False),
+        Tier("int8-dynamic", 0.01, int8=True),
+        Tier("int8-static", 0.01, int8=True, calibrated=True),
+        # int4 weight-only is only worth it where MatMulNBits kernels are fast (decoders with
+        # big weights); HQQ int4 measured 3.5x SLOWER than fp32 on CPU, so it is a candidate
+        # like any other: built, measured, and chosen only when faster within budget.
+        Tier("int4", 0.02, weight_only_bits=4),
+        Tier("fp16", 1e-3, half=True, slow_on_cpu=True, auto_on_cpu=False),
+    )
+}
 
 CALIBRATION_METHODS = {
     "minmax": CalibrationMethod.MinMax,
