@@ -137,3 +137,19 @@ def test_documents_link_only_inside_the_repository():
             if not resolved.is_relative_to(ROOT) or not resolved.exists():
                 outside.append(f"{doc.relative_to(ROOT)} -> {target}")
     assert not outside, "links that a clone cannot follow:\n" + "\n".join(outside)
+
+
+def test_the_zoo_wins_over_onnxruntime_transformers_own_models_package(tmp_path):
+    """onnxruntime.transformers appends its folder, which holds a ``models`` package, to
+    sys.path; a script run from anywhere must still get this project's ``models`` (with a
+    strict editable install it did not, and the CI job failed on ``models.gpt2.ENTRY``)."""
+    import subprocess
+    import sys
+
+    code = "import onnxruntime.quantization\nfrom models.zoo import ZOO\nprint(sorted(ZOO))"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "gpt2" in done.stdout
