@@ -102,3 +102,24 @@ def test_bundled_text_splits_share_no_topic():
         {p.strip() for p in text.split("\n\n")} - {""} for text in (calibration, evaluation)
     ]
     assert not paragraphs[0] & paragraphs[1]
+
+
+def test_the_benchmark_scores_a_model_and_a_candidate(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from pipeline.bench import lm
+
+    words = ["a", "b", "c", "d", "e", "f", "<unk>"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, "<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    table = _table(3)
+    for name, t in (("ref.onnx", table), ("cand.onnx", -table)):
+        ir.save(bigram_lm(t), tmp_path / name)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(words[i] for i in _sample(table, 64) % 6))
+    argv = [str(tmp_path / "ref.onnx"), str(tmp_path / "cand.onnx"), "--text", str(text)]
+    assert lm.main([*argv, "--windows", "3", "--length", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "reference perplexity" in out and "top-1 agreement" in out
+    assert lm.main([str(tmp_path / "missing.onnx")]) == 2
