@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from graph_passes.cleanup.remove_noops import RemoveNoops
 from graph_passes.fusions._layer_norm_match import LayerNormMatcher
 from graph_passes.fusions.gelu import match_gelu
 from graph_passes.fusions.rms_norm import FuseRMSNorm
@@ -110,8 +111,13 @@ class _Patterns:
 
 
 def _count_patterns(model: ir.Model) -> _Patterns:
-    """Unfused and fused LayerNorm / RMSNorm / GELU patterns in ``model`` (not modified)."""
+    """Unfused and fused LayerNorm / RMSNorm / GELU patterns in ``model`` (not modified).
+
+    Counted after no-op removal, as the fusions see the graph: Llama exports wrap every
+    RMSNorm in float->float Casts that would otherwise hide it from the matcher.
+    """
     work = model.clone()
+    RemoveNoops()(work)
     infer_shapes(work)
     opset = opset_of(work)
     found = _Patterns()

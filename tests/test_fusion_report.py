@@ -137,3 +137,25 @@ def test_embedding_sum_is_not_expected_to_become_skip_layer_norm():
     original = model_from_text(text)
     rows = rows_by_name(expected_fusions(original, original.clone()))
     assert "skip_layernorm" not in rows and rows["layernorm"].expected == 1
+
+
+RMS_BEHIND_CASTS = """<ir_version: 10, opset_import: ["" : 17]>
+g (float[N, S, 4] x0) => (float[N, S, 4] out)
+<float[4] gamma = {0.5, -1.0, 2.0, 1.5}, float eps = {0.000001}, float two = {2.0}> {
+  x = Cast<to = 1>(x0)
+  sq = Pow(x, two)
+  var = ReduceMean<axes = [-1]>(sq)
+  ve = Add(var, eps)
+  std = Sqrt(ve)
+  r = Reciprocal(std)
+  n = Mul(x, r)
+  nc = Cast<to = 1>(n)
+  out = Mul(gamma, nc)
+}"""
+
+
+def test_rms_norm_behind_no_op_casts_is_expected():
+    """Llama exports wrap each RMSNorm in float->float Casts; the count sees through them."""
+    model = model_from_text(RMS_BEHIND_CASTS)
+    rows = {row.fusion: row for row in expected_fusions(model, model)}
+    assert rows["rmsnorm"].expected == 1 and rows["rmsnorm"].achieved == 0
