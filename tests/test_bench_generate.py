@@ -1,0 +1,69 @@
+"""pipeline/bench/generate.py on the zoo's tiny SmolLM2 export: greedy decoding with the KV
+cache gives the tokens of a full-sequence run, and the benchmark compares two models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from models.export import export_model
+from pipeline.bench import generate as gen
+from pipeline.runtime.sessions import create_session
+
+pytestmark = pytest.mark.slow  # exports the tiny model (~17 s)
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llm") / "smollm2.onnx"
+    export_model("smollm2", path, tiny=True)
+    return path
+
+
+def test_cached_greedy_decoding_matches_full_sequence_runs(tiny_llm):
+    session = create_session(ir.load(tiny_llm))
+    prompt = gen.prompt_ids(session, batch=2, length=5)
+    generation = gen.generate(session, prompt, new_tokens=4)
+    assert generation.ids.shape == (2, 4) and generation.decode_steps == 3
+    # the same tokens without the cache: the whole sequence each time, past length 0
+    ids = prompt
+    for step in range(4):
+        batch, length = ids.shape
+        feeds = {
+            "input_ids": ids,
+            "attention_mask": np.ones((batch, length), dtype=np.int64),
+            "position_ids": np.tile(np.arange(length, dtype=np.int64), (batch, 1)),
+        }
+        for name, shape in gen._past_inputs(session).items():
+            feeds[name] = np.zeros((batch, *shape[1:]), dtype=np.float32)
+        nxt = np.asarray(session.run(feeds)["logits"])[:, -1].argmax(axis=-1)
+        assert np.array_equal(nxt, generation.ids[:, step])
+        ids = np.concatenate([ids, nxt[:, None]], axis=1)
+
+
+def test_benchmark_compares_two_models(tiny_llm, tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    argv = [str(tiny_llm), str(tiny_llm), "--threads", "1", "--batches", "1"]
+    argv += ["--prompt", "4", "--new-tokens", "3", "--rounds", "3", "--json", str(out)]
+    assert gen.main(argv) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["same_tokens"] is True
+    assert row["original"]["peak_rss_bytes"] > 10 * 2**20
+    assert row["candidate"]["decode_tokens_per_s"] > 0
+    assert "same tokens: True" in capsys.readouterr().out
+
+
+def test_a_model_without_past_is_refused(tmp_path, capsys):
+    model = tmp_path / "plain.onnx"
+    ir.save(
+        ir.from_onnx_text(
+            """<ir_version: 10, opset_import: ["" : 17]>
+g (int64[1, 2] input_ids) => (int64[1, 2] logits) { logits = Identity(input_ids) }"""
+        ),
+        model,
+    )
+    assert gen.main([str(model), str(model), "--rounds", "3"]) == 2
+    assert "no past_key_values" in capsys.readouterr().err
