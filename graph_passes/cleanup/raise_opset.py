@@ -5,6 +5,16 @@ exported at opset 14 can only get them after conversion, which ``onnx.version_co
 does op by op (e.g. ReduceMean's ``axes`` attribute becomes an input at 18). The pass runs
 when ``target.raise_opset_to`` is above the model's opset; it never lowers one.
 
+The decoder rule: with ``raise_opset_to`` 0 (the default: no raise asked for), a model with
+grouped-query attention over a KV cache (K and V read through ``repeat_kv``, see
+``fusions/_repeat_kv.py``: Llama, Mistral, Qwen, SmolLM exports) is raised to 23
+(``DECODER_OPSET``). Its attention has one fused form that is exact and runs every input
+shape the export accepts: standard ``Attention`` (23), which takes KV heads shared by query
+groups and a past with several new tokens at any batch size. ORT's GroupQueryAttention
+refuses batch > 1 with a past and more than one new token, and MultiHeadAttention needs as
+many KV heads as query heads. RotaryEmbedding and RMSNormalization come with 23 too. No
+other model is touched by the rule (their default stays "never").
+
 The conversion works on a serialized copy; the converted graph replaces the model's graph in
 place, and every initializer is given back its original tensor object (so memory-mapped
 external data stays mapped and nothing is copied). When the converter fails (an op without
@@ -22,9 +32,12 @@ import onnx.version_converter
 import onnx_ir as ir
 
 from graph_passes.base import GraphPass
+from graph_passes.fusions._repeat_kv import has_grouped_kv_attention
 from graph_passes.match import opset_of
 
 logger = logging.getLogger(__name__)
+
+DECODER_OPSET = 23  # what the decoder rule raises a grouped-query-attention model to
 
 
 class RaiseOpset(GraphPass):
@@ -37,6 +50,9 @@ class RaiseOpset(GraphPass):
         self.failure = ""
         wanted = self.target.raise_opset_to
         current = opset_of(model)
+        if not wanted and 0 < current < DECODER_OPSET and has_grouped_kv_attention(model):
+            wanted = DECODER_OPSET
+            logger.info("grouped-query attention with a KV cache: raising the opset to 23")
         if not wanted or current == 0 or wanted <= current:
             return self.result(model)
         try:

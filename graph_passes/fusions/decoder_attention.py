@@ -61,8 +61,9 @@ from graph_passes.base import (
 )
 from graph_passes.fusion import Emits, ExpectedRow, Fusion
 from graph_passes.fusions import _attention_match as am
+from graph_passes.fusions._repeat_kv import repeat_kv
 from graph_passes.match import is_op, probe_node, producer
-from graph_passes.shapes import infer_shapes
+from graph_passes.shapes import infer_shapes, symbolic_dims
 from graph_passes.target.targets import CONTRIB_DOMAIN
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class _Reject(Exception):
 
 @dataclass
 class _Match:
-    q3: ir.Value  # (B, S, H*D)
+    q3: ir.Value | None  # (B, S, H*D); None: only the standard Attention (4D q) fits
     key: ir.Value  # (B, H, T, D)
     value: ir.Value  # (B, H, T, D)
     bias: ir.Value | None  # (B|1, H|1, S, T), additive
@@ -90,6 +91,8 @@ class _Match:
     q4: ir.Value | None = None  # (B, H, S, D): for the standard Attention
     heads_out: ir.Value | None = None  # (B, H, S, D): MatMul(p, v), for the standard Attention
     core: list[ir.Node] = field(default_factory=list)  # nodes the standard Attention replaces
+    groups: int = 1  # query heads per KV head (grouped-query attention: standard op only)
+    rewire: list = field(default_factory=list)  # (Shape of a repeated KV, the KV tensor)
 
 
 class FuseDecoderAttention(Fusion):
@@ -112,6 +115,7 @@ class FuseDecoderAttention(Fusion):
         self.rejected: list[str] = []  # why attention-like Softmaxes were left, for reports
         self._opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
         infer_shapes(model)
+        self._model, self._symbolic_table = model, None
         for graph in model.graphs():
             for softmax in list(graph):
                 if softmax.op_type != "Softmax" or not is_standard(softmax):
@@ -180,32 +184,29 @@ class FuseDecoderAttention(Fusion):
         if not is_op(attend, "MatMul") or attend.inputs[0] is not probs:
             raise _Reject("probabilities do not feed one MatMul with V")
         value = attend.inputs[1]
-        merge_t = _only_consumer(attend.outputs[0], "Transpose")
-        merge = None if merge_t is None else _merge_reshape(merge_t.outputs[0])
-        if merge is None or _perm(merge_t) != TO_HEADS:
-            raise _Reject("attention output is not Transpose<0,2,1,3> then Reshape")
-        merged = _merges_heads(merge, merge_t.outputs[0])
-        if merged is None:
-            raise _Reject("the merging Reshape does not give (B, S, H*D)")
-        # The merge's own shape math (Shape of the transposed heads) goes with it.
-        nodes += [attend, merge_t, *merged, merge]
-        split_t = producer(q4, "Transpose")
-        split = None if split_t is None else producer(split_t.inputs[0], "Reshape")
-        if split is None or _perm(split_t) != TO_HEADS:
-            raise _Reject("q is not Reshape to heads then Transpose<0,2,1,3>")
-        nodes += [split_t, split]
-        q3 = split.inputs[0]
-        if split.attributes.get_int("allowzero", 0) != 0:
-            raise _Reject("q's head split Reshape has allowzero=1")
-        heads, _ = self._heads(q3, split, key, value)
+        nodes.append(attend)
+        key, value, groups, repeat_nodes, rewire = self._grouped(key, value)
+        nodes += repeat_nodes
+        q3 = merge = None
+        keep: set[ir.Node] = set()
+        if groups == 1:
+            try:
+                q3, merge, heads, keep = self._split_and_merge(q4, attend, key, value)
+            except _Reject:
+                q3 = merge = None  # the standard Attention may still take it (4D q and output)
+        if merge is None:
+            heads = self._grouped_heads(q4, key, value, groups)
+            keep = set()
+        else:
+            nodes += sorted(keep, key=lambda n: 0)  # the split and merge are replaced by MHA
         if bias is not None:
-            self._check_bias(bias, q3, key)
-        self._check_private(nodes, merge)
-        if not (q3.dtype in FLOAT_TYPES and key.dtype == q3.dtype and value.dtype == q3.dtype):
-            raise _Reject(f"q/k/v dtypes {q3.dtype}/{key.dtype}/{value.dtype} not one float type")
-        if bias is not None and bias.dtype != q3.dtype:
+            self._check_bias(bias, q4 if q3 is None else q3, key, seq_axis=2 if q3 is None else 1)
+        last = attend if merge is None else merge
+        self._check_private(nodes, last, allowed={n for n, _ in rewire})
+        if not (q4.dtype in FLOAT_TYPES and key.dtype == q4.dtype and value.dtype == q4.dtype):
+            raise _Reject(f"q/k/v dtypes {q4.dtype}/{key.dtype}/{value.dtype} not one float type")
+        if bias is not None and bias.dtype != q4.dtype:
             raise _Reject("bias dtype differs from q")
-        keep = {split_t, split, merge_t, merge, *merged}
         core = [n for n in nodes if n not in keep]
         nodes = sorted(set(nodes), key=nodes.index)
         return _Match(
@@ -216,12 +217,76 @@ class FuseDecoderAttention(Fusion):
             scale,
             heads,
             zero,
-            merge.outputs[0],
+            attend.outputs[0] if merge is None else merge.outputs[0],
             nodes,
             q4,
             attend.outputs[0],
             core,
+            groups,
+            rewire,
         )
+
+    def _grouped(self, key: ir.Value, value: ir.Value):
+        """``(key, value, groups, repeat_nodes, rewire)``: the KV tensors under a
+        ``repeat_kv`` (grouped-query attention), or the inputs themselves with ``groups`` 1.
+
+        ``rewire``: ``(Shape node, kv)`` for each Shape that reads a repeated tensor (the mask's
+        Slice reads the key length from it); it will read the KV tensor instead, which has the
+        same dims except the head count, which no reader may take."""
+        k_rep, v_rep = repeat_kv(key), repeat_kv(value)
+        if k_rep is None and v_rep is None:
+            return key, value, 1, [], []
+        if k_rep is None or v_rep is None or k_rep.groups != v_rep.groups:
+            raise _Reject("key and value are not repeated for the same query groups")
+        rewire = []
+        for repeated, found in ((key, k_rep), (value, v_rep)):
+            for use in repeated.uses():
+                node = use.node
+                if node in (found.nodes[-1],) or is_op(node, "Transpose", "MatMul"):
+                    continue
+                if not is_op(node, "Shape") or node.attributes or not _reads_dims(node, (0, 2, 3)):
+                    raise _Reject("a repeated key/value is used outside the attention")
+                rewire.append((node, found.kv))
+        return k_rep.kv, v_rep.kv, k_rep.groups, k_rep.nodes + v_rep.nodes, rewire
+
+    def _split_and_merge(self, q4: ir.Value, attend: ir.Node, key: ir.Value, value: ir.Value):
+        """``(q3, merge, heads, nodes)``: q's head split and the output's head merge, which
+        MultiHeadAttention takes over (3D q in, 3D output)."""
+        merge_t = _only_consumer(attend.outputs[0], "Transpose")
+        merge = None if merge_t is None else _merge_reshape(merge_t.outputs[0])
+        if merge is None or _perm(merge_t) != TO_HEADS:
+            raise _Reject("attention output is not Transpose<0,2,1,3> then Reshape")
+        merged = _merges_heads(merge, merge_t.outputs[0])
+        if merged is None:
+            raise _Reject("the merging Reshape does not give (B, S, H*D)")
+        split_t = producer(q4, "Transpose")
+        split = None if split_t is None else producer(split_t.inputs[0], "Reshape")
+        if split is None or _perm(split_t) != TO_HEADS:
+            raise _Reject("q is not Reshape to heads then Transpose<0,2,1,3>")
+        q3 = split.inputs[0]
+        if split.attributes.get_int("allowzero", 0) != 0:
+            raise _Reject("q's head split Reshape has allowzero=1")
+        heads, _ = self._heads(q3, split, key, value)
+        # The merge's own shape math (Shape of the transposed heads) goes with it.
+        return q3, merge, heads, {merge_t, *merged, merge, split_t, split}
+
+    def _grouped_heads(self, q4: ir.Value, key: ir.Value, value: ir.Value, groups: int) -> int:
+        """Query heads of a 4D ``q4`` (B, H, S, D) whose key/value have ``H / groups`` heads
+        of size D, all static: what the standard Attention needs."""
+        dims = list(q4.shape) if q4.shape is not None else None
+        if dims is None or len(dims) != 4 or not isinstance(dims[1], int):
+            dims = self._symbolic().get(q4.name or "", dims)  # ONNX gave up at a Reshape -1
+        if dims is None or len(dims) != 4:
+            raise _Reject("q is not a 4D (B, H, S, D) tensor")
+        heads, size = dims[1], dims[3]
+        if not (isinstance(heads, int) and isinstance(size, int)) or heads % groups:
+            raise _Reject("q's heads and head size are not static")
+        for name, v in (("key", key), ("value", value)):
+            if v.shape is None or len(v.shape) != 4:
+                raise _Reject(f"{name} rank is not 4")
+            if _dim(v, 1) != heads // groups or _dim(v, 3) != size:
+                raise _Reject(f"{name} is not (B, {heads // groups}, T, {size}) with static dims")
+        return heads
 
     def _heads(self, q3: ir.Value, split: ir.Node, key: ir.Value, value: ir.Value):
         """``(H, D)`` from the head-split Reshape, checked against q, k and v's static dims."""
@@ -249,16 +314,22 @@ class FuseDecoderAttention(Fusion):
                 raise _Reject(f"{name} is not (B, {heads}, T, {head_dim}) with static dims")
         return heads, head_dim
 
-    def _check_bias(self, bias: ir.Value, q3: ir.Value, key: ir.Value) -> None:
+    def _symbolic(self) -> dict:
+        """ORT's symbolic shapes of the model (computed once per call, only when needed)."""
+        if self._symbolic_table is None:
+            self._symbolic_table = symbolic_dims(self._model)
+        return self._symbolic_table
+
+    def _check_bias(self, bias: ir.Value, q: ir.Value, key: ir.Value, seq_axis: int = 1) -> None:
         if bias.shape is None or len(bias.shape) != 4:
             raise _Reject("bias is not 4D (MultiHeadAttention needs (B|1, H|1, S, T))")
-        if _dim(bias, 2) == 1 and _dim(q3, 1) != 1:
+        if _dim(bias, 2) == 1 and _dim(q, seq_axis) != 1:
             raise _Reject("bias broadcasts over the query length")
         if _dim(bias, 3) == 1 and _dim(key, 2) != 1:
             raise _Reject("bias broadcasts over the key length")
 
-    def _check_private(self, nodes: list[ir.Node], last: ir.Node) -> None:
-        inside = set(nodes)
+    def _check_private(self, nodes: list[ir.Node], last: ir.Node, allowed=frozenset()) -> None:
+        inside = set(nodes) | set(allowed)
         for node in nodes:
             if node.graph is not last.graph or not is_standard(node):
                 raise _Reject("nodes span graphs or domains")
@@ -277,11 +348,17 @@ class FuseDecoderAttention(Fusion):
             inputs += [None, None, m.bias]
         attrs = [ir.AttrInt64("num_heads", m.heads), ir.AttrFloat32("scale", m.scale)]
         declined = self.declined
-        mha = probe_node(CONTRIB_DOMAIN, "MultiHeadAttention", inputs, attrs)
+        mha_fits = m.q3 is not None and m.groups == 1  # MHA takes neither a 4D q nor groups
+        mha = probe_node(CONTRIB_DOMAIN, "MultiHeadAttention", inputs, attrs) if mha_fits else None
         # 4D in and out (B, H, S, D) for the standard op: q's head split and the merge stay.
         std_inputs = [m.q4, m.key, m.value] + ([m.bias] if m.bias is not None else [])
         std_attrs = [ir.AttrFloat32("scale", m.scale)]
-        if self.target.allows_contrib and self.can_emit(mha) and self._pays(m.nodes, m.out, mha):
+        if (
+            mha_fits
+            and self.target.allows_contrib
+            and self.can_emit(mha)
+            and self._pays(m.nodes, m.out, mha)
+        ):
             mha = ir.Node(CONTRIB_DOMAIN, "MultiHeadAttention", inputs, attrs)
             self._replace(graph, m.out, mha, m.nodes, m.zero)
             kind = "MultiHeadAttention"
@@ -289,6 +366,8 @@ class FuseDecoderAttention(Fusion):
             m.core, m.heads_out, probe_node("", "Attention", std_inputs, std_attrs)
         ):
             std = ir.Node("", "Attention", std_inputs, std_attrs)
+            for shape_node, kv in m.rewire:  # same dims but the head count, which none reads
+                shape_node.replace_input_with(0, kv)
             self._replace(graph, m.heads_out, std, m.core, m.zero)
             kind = "Attention"
         else:
@@ -333,6 +412,18 @@ class FuseDecoderAttention(Fusion):
 
 
 # -- helpers --------------------------------------------------------------------------------------
+
+
+def _reads_dims(shape_node: ir.Node, allowed: tuple[int, ...]) -> bool:
+    """Whether every reader of ``Shape(x)`` (x 4D) is a Gather of one dim in ``allowed``."""
+    for use in shape_node.outputs[0].uses():
+        gather = use.node
+        index = constant_array(gather.inputs[1]) if is_op(gather, "Gather") else None
+        if index is None or index.ndim != 0 or gather.attributes.get_int("axis", 0) != 0:
+            return False
+        if int(index) % 4 not in allowed:
+            return False
+    return not shape_node.outputs[0].is_graph_output()
 
 
 def _only_consumer(value: ir.Value, *ops: str) -> ir.Node | None:
