@@ -155,13 +155,24 @@ def _axes(node: ir.Node) -> list[int] | None:
 
 
 def has_grouped_kv_attention(model: ir.Model) -> bool:
-    """Whether a Softmax attention in ``model`` reads K^T as ``repeat_kv`` of a KV tensor
-    with more than one query head per KV head (grouped-query attention)."""
+    """Whether a Softmax attention in ``model`` reads K^T as a repeated KV cache: a
+    ``Transpose<0,1,3,2>`` feeding the scores of a Softmax, of ``Reshape(Expand(Unsqueeze(
+    present, axes=[2])))`` where ``present`` is a ``Concat`` of a graph input (the past).
+
+    Structural and loose on purpose (the shape vectors are not proven, so it holds on the raw
+    export before any folding): it decides an opset raise, which changes no result;
+    ``repeat_kv`` proves the repeat before anything is fused."""
+    inputs = set(model.graph.inputs)
     for node in model.graph:
-        if not is_op(node, "Transpose") or node.attributes.get_ints("perm", None) != [0, 1, 3, 2]:
+        if not is_op(node, "Transpose") or list(node.attributes.get_ints("perm", ())) != [0, 1, 3, 2]:
             continue
-        found = repeat_kv(node.inputs[0])
-        if found is not None and found.groups > 1 and _feeds_softmax(node.outputs[0]):
+        reshape = producer(node.inputs[0], "Reshape")
+        expand = None if reshape is None else producer(reshape.inputs[0], "Expand")
+        unsqueeze = None if expand is None else producer(expand.inputs[0], "Unsqueeze")
+        cache = None if unsqueeze is None else producer(unsqueeze.inputs[0], "Concat")
+        if cache is None or _axes(unsqueeze) != [2]:
+            continue
+        if any(v in inputs for v in cache.inputs) and _feeds_softmax(node.outputs[0]):
             return True
     return False
 
