@@ -62,7 +62,10 @@ def repeat_kv(repeated: ir.Value | None) -> RepeatKV | None:
     groups = five[2]
     if not isinstance(groups, int) or groups < 1:
         return None
-    if not (_fits(five, [0, heads, groups, 2, size], kv) and _fits(four, [0, heads * groups, 2, size], kv)):
+    if not (
+        _fits(five, [0, heads, groups, 2, size], kv)
+        and _fits(four, [0, heads * groups, 2, size], kv)
+    ):
         return None
     for node in (unsqueeze, expand):  # private to the repeat
         out = node.outputs[0]
@@ -164,7 +167,12 @@ def has_grouped_kv_attention(model: ir.Model) -> bool:
     ``repeat_kv`` proves the repeat before anything is fused."""
     inputs = set(model.graph.inputs)
     for node in model.graph:
-        if not is_op(node, "Transpose") or list(node.attributes.get_ints("perm", ())) != [0, 1, 3, 2]:
+        if not is_op(node, "Transpose") or list(node.attributes.get_ints("perm", ())) != [
+            0,
+            1,
+            3,
+            2,
+        ]:
             continue
         reshape = producer(node.inputs[0], "Reshape")
         expand = None if reshape is None else producer(reshape.inputs[0], "Expand")

@@ -42,6 +42,18 @@ takes the 4D ``q4``, key, value and the bias as ``attn_mask`` and replaces the s
 ``MatMul(p, v)`` core only (q's head split and the merge stay around it; ORT 1.31's CPU
 kernel returns 0 for fully masked rows, the guard keeps that 0 for runtimes that give NaN).
 Below opset 23 such matches are counted in ``blocked`` and left as they are.
+
+Grouped-query attention (Llama, Mistral, SmolLM: ``Hkv`` KV heads shared by groups of
+``n = H / Hkv`` query heads): K and V reach the scores through transformers' ``repeat_kv``
+(``Reshape(Expand(Unsqueeze(present, 2)))``, proven in ``_repeat_kv.py``). Only the standard
+``Attention`` (23) takes KV heads shared by query groups, so that is what these become, from
+the 4D (rotated) q and the un-repeated ``present`` key/value (query head ``h`` reads KV head
+``h // n``, the repeat's order); the repeat goes. A ``Shape`` of a repeated tensor (the mask's
+``Slice`` reads the key length from it) is pointed at the ``present`` tensor, which has the
+same dims but the head count (only dims 0, 2, 3 may be read). MultiHeadAttention cannot take
+them (it needs as many KV heads as query heads) and ORT's GroupQueryAttention refuses batch
+> 1 with a past and more than one new token, an input the export accepts; ``raise_opset``'s
+decoder rule raises such models to 23.
 """
 
 from __future__ import annotations
@@ -189,16 +201,12 @@ class FuseDecoderAttention(Fusion):
         nodes += repeat_nodes
         q3 = merge = None
         keep: set[ir.Node] = set()
-        if groups == 1:
-            try:
-                q3, merge, heads, keep = self._split_and_merge(q4, attend, key, value)
-            except _Reject:
-                q3 = merge = None  # the standard Attention may still take it (4D q and output)
-        if merge is None:
+        if groups == 1:  # MultiHeadAttention's form (3D q in, merged 3D out) is required
+            q3, merge, heads, keep = self._split_and_merge(q4, attend, key, value)
+        else:  # grouped: only the standard Attention (4D q and output; split/merge stay)
             heads = self._grouped_heads(q4, key, value, groups)
-            keep = set()
-        else:
-            nodes += sorted(keep, key=lambda n: 0)  # the split and merge are replaced by MHA
+        if merge is not None:
+            nodes += list(keep)  # the split and merge go too when MHA replaces them
         if bias is not None:
             self._check_bias(bias, q4 if q3 is None else q3, key, seq_axis=2 if q3 is None else 1)
         last = attend if merge is None else merge

@@ -146,9 +146,7 @@ def test_repeat_on_the_wrong_axis_is_left(export, cleaned):
     grouped) is not grouped-query attention; layer 1 still fuses."""
     model = cleaned.clone()
     node = next(
-        n
-        for n in model.graph
-        if n.op_type == "Unsqueeze" and n.inputs[0].name == "present.0.key"
+        n for n in model.graph if n.op_type == "Unsqueeze" and n.inputs[0].name == "present.0.key"
     )
     axes = ir.Value(name="axes_1", const_value=ir.tensor(np.array([1], np.int64)))
     model.graph.initializers.add(axes)
@@ -184,7 +182,10 @@ def test_rotation_the_other_way_is_left(export, cleaned):
     concat = next(
         n
         for n in model.graph
-        if n.op_type == "Concat" and n.inputs and (p := n.inputs[0].producer()) and p.op_type == "Neg"
+        if n.op_type == "Concat"
+        and n.inputs
+        and (p := n.inputs[0].producer())
+        and p.op_type == "Neg"
     )
     a, b = concat.inputs
     concat.replace_input_with(0, b)
