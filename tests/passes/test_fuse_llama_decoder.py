@@ -236,3 +236,15 @@ def test_every_llama_fusion_together(export, cleaned):
     } == {"Attention": 2, "RotaryEmbedding": 4, "SkipSimplifiedLayerNormalization": 4, "Softmax": 0}
     check(model)
     assert_decoder_parity(export, model)
+
+
+def test_fusion_report_rows_for_llama(export, cleaned):
+    """The decoder family's report sees the export's RMSNorms through their no-op Casts."""
+    from pipeline.fusion_report import expected_fusions
+
+    model = cleaned.clone()
+    for name in ("fuse_rotary_embedding", "fuse_decoder_attention", "fuse_rms_norm"):
+        _apply(name, model, Target("cpu"))
+    rows = {row.fusion: (row.expected, row.achieved) for row in expected_fusions(export, model)}
+    assert rows["attention"] == (2, 2)
+    assert rows["rmsnorm"] == (5, 5)
