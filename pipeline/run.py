@@ -36,14 +36,14 @@ from pipeline.load import (
 )
 from pipeline.pass_manager import AUTO_END_VERIFY_BYTES, PassRecord, VerifiedPassManager
 from pipeline.quantization import stage as quantize_mod
-from pipeline.recipe import Recipe
+from pipeline.recipe import Recipe, VerifySettings
 from pipeline.report import Report, model_facts
 from pipeline.runtime import inputs as inputs_mod
 from pipeline.runtime import sessions as runners
 from pipeline.runtime.compare import Tolerance
 from pipeline.runtime.errors import UserError, VerificationFailed
 from pipeline.runtime.timing import compare_latency
-from pipeline.verify import Verifier
+from pipeline.verify import DECODER_TOLERANCE, Verifier, decoder_output_tolerances
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +233,28 @@ def _resolve_provider(
     return recipe, resolution
 
 
+def _output_tolerances(
+    model: ir.Model, recipe: Recipe, options: RunOptions, report: Report
+) -> dict[str, Tolerance]:
+    """The user's per-output tolerances, plus the decoder LM budget for the outputs they left
+    alone when the recipe keeps the default tolerance (an explicit --rtol/--atol wins)."""
+    chosen = dict(options.output_tolerances)
+    if (recipe.verify.rtol, recipe.verify.atol) != (VerifySettings.rtol, VerifySettings.atol):
+        return chosen
+    decoder = {
+        name: tol
+        for name, tol in decoder_output_tolerances(model).items()
+        if name not in chosen
+    }
+    if decoder:
+        report.warnings.append(
+            f"decoder LM: {len(decoder)} outputs (logits, present.*) verified at "
+            f"{DECODER_TOLERANCE.describe()}, the fp32 noise of a deep decoder; "
+            "--rtol/--atol or --output-tol NAME=RTOL,ATOL to change"
+        )
+    return chosen | decoder
+
+
 def run(options: RunOptions, report_sink: list[Report], listener: Listener | None = None) -> Report:
     """Optimize one model. The report is appended to ``report_sink`` as soon as it exists,
     so a caller can write it even when this raises."""
@@ -259,9 +281,10 @@ def run(options: RunOptions, report_sink: list[Report], listener: Listener | Non
     unknown = sorted(set(options.output_tolerances) - {v.name for v in model.graph.outputs})
     if unknown:
         raise UserError(f"--output-tol names unknown output(s) {', '.join(unknown)}")
-    verifier = Verifier(sets, reference, tolerance, options.output_tolerances)
+    output_tolerances = _output_tolerances(model, recipe, options, report)
+    verifier = Verifier(sets, reference, tolerance, output_tolerances)
     report.recipe["verify"]["output_tolerances"] = {
-        name: dataclasses.asdict(tol) for name, tol in options.output_tolerances.items()
+        name: dataclasses.asdict(tol) for name, tol in output_tolerances.items()
     }
 
     mode = recipe.verify.mode
@@ -300,7 +323,7 @@ def run(options: RunOptions, report_sink: list[Report], listener: Listener | Non
     if resolution.resolved != "cpu" and verifier.can_run:
         listener.stage(f"parity and placement on {resolution.resolved}")
     check = providers_mod.check_on_provider(
-        optimized, resolution, sets, reference, tolerance, options.output_tolerances
+        optimized, resolution, sets, reference, tolerance, output_tolerances
     )
     report.provider = {**resolution.to_dict(), "check": check}
     if check.get("passed") is False:

@@ -49,7 +49,14 @@ def test_benchmark_compares_two_models(tiny_llm, tmp_path, capsys):
     argv = [str(tiny_llm), str(tiny_llm), "--threads", "1", "--batches", "1"]
     argv += ["--prompt", "4", "--new-tokens", "3", "--rounds", "3", "--json", str(out)]
     assert gen.main(argv) == 0
-    (row,) = json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert result["parity"]["same_interface"] is True
+    assert set(result["parity"]["max_abs_diff"]) == {
+        "b1_prefill", "b1_decode", "b1_past_6_plus_2",
+        "b2_left_padded_prefill", "b2_left_padded_decode", "b2_left_padded_past_6_plus_2",
+    }
+    assert all(d == {"logits": 0.0, "present": 0.0} for d in result["parity"]["max_abs_diff"].values())
     assert row["same_tokens"] is True
     assert row["original"]["peak_rss_bytes"] > 10 * 2**20
     assert row["candidate"]["decode_tokens_per_s"] > 0

@@ -9,7 +9,10 @@ prompt), decode tokens/s (the cached one-token steps), end-to-end tokens/s, and 
 model's). The two models run in interleaved rounds (``pipeline.runtime.timing``: one A/B
 timer, one noise rule); the ratio of decode time per token is reported with its noise.
 The generated ids of the two models are compared too: a faster model that decodes other
-tokens is not the same model.
+tokens is not the same model. Before timing, the script checks that both models have the
+same inputs and outputs and prints the max |difference| of logits and presents on a batch-1
+prefill and cached decode step, a left-padded batch of 2, and a batch of 2 with a past and
+2 new tokens (``models.llama.decoder_cases``, over the positions the mask keeps).
 
 The model must have the decoder-with-past interface of optimum's text-generation-with-past
 exports: ``input_ids``, ``attention_mask``, ``position_ids`` (optional),
@@ -158,6 +161,23 @@ def compare_case(
     return row
 
 
+def parity(original: Path, candidate: Path) -> dict:
+    """Same interface, and the max |difference| per decoder case (see the module doc)."""
+    from models.llama import decoder_cases, max_diffs
+
+    sessions = [create_session(ir.load(p), optimization="all") for p in (original, candidate)]
+    _past_inputs(sessions[0])  # refuses a model without the decoder-with-past interface
+    interface = [
+        [(m.name, m.type, m.shape) for m in (*s.inner.get_inputs(), *s.inner.get_outputs())]
+        for s in sessions
+    ]
+    reference, candidate_session = (s.inner for s in sessions)
+    return {
+        "same_interface": interface[0] == interface[1],
+        "max_abs_diff": max_diffs(reference, candidate_session, decoder_cases(reference)),
+    }
+
+
 def _ints(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -177,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
-    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
@@ -193,7 +213,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"model not found: {path}")
         cpu = machine.cpu()
         print(f"CPU: {cpu.model} ({cpu.isa}); prompt {args.prompt}, {args.new_tokens} new tokens")
-        rows = []
+        checked = parity(args.original, args.candidate)
+        print(f"same inputs and outputs: {checked['same_interface']}")
+        for case, diff in checked["max_abs_diff"].items():
+            print(f"  {case}: max |logit diff| {diff['logits']:.3g}, presents {diff['present']:.3g}")
+        rows: list[dict] = []
         for threads in args.threads:
             for batch in args.batches:
                 row = compare_case(args.original, args.candidate, threads, batch, args)
@@ -210,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        write_text_atomic(args.json, json.dumps(rows, indent=2) + "\n", ".tmp-generate-")
+        result = {"cpu": cpu.model, "isa": cpu.isa, "parity": checked, "rows": rows}
+        write_text_atomic(args.json, json.dumps(result, indent=2) + "\n", ".tmp-generate-")
     return 0
 
 

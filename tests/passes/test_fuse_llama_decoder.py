@@ -204,6 +204,63 @@ def test_rotary_needs_opset_23(export):
     assert fusion.matches == 0 and fusion.blocked == 4
 
 
+# -- fuse_attention_cache -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fused(cleaned) -> ir.Model:
+    """Rotary and attention fused: the 4D Attention-23 that fuse_attention_cache rewrites."""
+    model = cleaned.clone()
+    for name in ("fuse_rotary_embedding", "fuse_decoder_attention"):
+        assert _apply(name, model, Target("cpu")) > 0
+    return model
+
+
+def test_attention_takes_its_cache_and_3d_projections(export, fused):
+    model = fused.clone()
+    assert _apply("fuse_attention_cache", model, Target("cpu")) == 2
+    _apply("remove_dead", model, Target("cpu"))
+    counts, before = ops(model), ops(fused)
+    assert counts["Attention"] == 2 and counts["RotaryEmbedding"] == 4
+    # per layer: the q/k/v head splits and the merge (4 Transpose + 4 Reshape), the two
+    # cache Concats; the NaN guard stays
+    assert counts["Transpose"] == before["Transpose"] - 8
+    assert counts["Reshape"] == before["Reshape"] - 8
+    assert counts["IsNaN"] == 2
+    for node in model.graph:
+        if node.op_type == "Attention":
+            assert [v.name for v in node.outputs[1:]] in (
+                ["present.0.key", "present.0.value"],
+                ["present.1.key", "present.1.value"],
+            )
+            assert node.inputs[4].name.startswith("past_key_values.")
+            assert node.attributes["q_num_heads"].as_int() == 4
+            assert node.attributes["kv_num_heads"].as_int() == 2
+        if node.op_type == "RotaryEmbedding":
+            assert node.attributes["num_heads"].as_int() in (4, 2)
+            assert len(node.inputs[0].shape) == 3
+    check(model)
+    assert_decoder_parity(export, model)
+    again = create_pass("fuse_attention_cache", Target("cpu"))
+    again(model)
+    assert again.matches == 0
+
+
+def test_a_present_read_by_another_op_keeps_the_cache_outside(fused):
+    """Near miss: layer 0's present key also feeds a Mul; its Concat must stay (the fused op
+    would hand the Mul a tensor the Mul helped to compute)."""
+    model = fused.clone()
+    present = next(v for v in model.graph.outputs if v.name == "present.0.key")
+    extra = ir.Node("", "Mul", [present, present])
+    model.graph.append(extra)
+    extra.outputs[0].name = "extra"
+    model.graph.outputs.append(extra.outputs[0])
+    fusion = create_pass("fuse_attention_cache", Target("cpu"))
+    fusion(model)
+    assert fusion.matches == 1
+    assert any("present.0.key is read by Mul" in r for r in fusion.rejected)
+
+
 # -- fuse_rms_norm on the Llama graph (regression) ----------------------------------------------
 
 
@@ -225,7 +282,8 @@ def test_llama_rms_norms(export, cleaned):
 def test_every_llama_fusion_together(export, cleaned):
     """The default order (rotary, attention, norms, SiLU): the fused ops compose exactly."""
     model = cleaned.clone()
-    for name in ("fuse_rotary_embedding", "fuse_decoder_attention", "fuse_rms_norm", "fuse_silu"):
+    fusions = ("fuse_rotary_embedding", "fuse_decoder_attention", "fuse_attention_cache")
+    for name in (*fusions, "fuse_rms_norm", "fuse_silu"):
         assert _apply(name, model, Target("cpu")) > 0
     for name in ("remove_dead", "eliminate_common_subexpressions", "remove_dead"):
         _apply(name, model, Target("cpu"))
