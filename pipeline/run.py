@@ -242,9 +242,7 @@ def _output_tolerances(
     if (recipe.verify.rtol, recipe.verify.atol) != (VerifySettings.rtol, VerifySettings.atol):
         return chosen
     decoder = {
-        name: tol
-        for name, tol in decoder_output_tolerances(model).items()
-        if name not in chosen
+        name: tol for name, tol in decoder_output_tolerances(model).items() if name not in chosen
     }
     if decoder:
         report.warnings.append(

@@ -53,10 +53,15 @@ def test_benchmark_compares_two_models(tiny_llm, tmp_path, capsys):
     (row,) = result["rows"]
     assert result["parity"]["same_interface"] is True
     assert set(result["parity"]["max_abs_diff"]) == {
-        "b1_prefill", "b1_decode", "b1_past_6_plus_2",
-        "b2_left_padded_prefill", "b2_left_padded_decode", "b2_left_padded_past_6_plus_2",
+        "b1_prefill",
+        "b1_decode",
+        "b1_past_6_plus_2",
+        "b2_left_padded_prefill",
+        "b2_left_padded_decode",
+        "b2_left_padded_past_6_plus_2",
     }
-    assert all(d == {"logits": 0.0, "present": 0.0} for d in result["parity"]["max_abs_diff"].values())
+    diffs = result["parity"]["max_abs_diff"].values()
+    assert all(d == {"logits": 0.0, "present": 0.0} for d in diffs)
     assert row["same_tokens"] is True
     assert row["original"]["peak_rss_bytes"] > 10 * 2**20
     assert row["candidate"]["decode_tokens_per_s"] > 0

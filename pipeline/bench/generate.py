@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         checked = parity(args.original, args.candidate)
         print(f"same inputs and outputs: {checked['same_interface']}")
         for case, diff in checked["max_abs_diff"].items():
-            print(f"  {case}: max |logit diff| {diff['logits']:.3g}, presents {diff['present']:.3g}")
+            logits, present = diff["logits"], diff["present"]
+            print(f"  {case}: max |logit diff| {logits:.3g}, presents {present:.3g}")
         rows: list[dict] = []
         for threads in args.threads:
             for batch in args.batches:
