@@ -86,8 +86,10 @@ def _quantize_options(
     block_size: int,
     algorithm: str,
     provider: str,
+    lm_budget: tuple[float, float],
 ):
     """Validate the precision flags now (exit 2 on a bad value, before any work)."""
+    from pipeline.quantization.lm_guard import LmBudget
     from pipeline.quantization.stage import QuantizeOptions
 
     device = quantization_device(provider)
@@ -101,6 +103,7 @@ def _quantize_options(
             int4_block_size=block_size,
             int4_algorithm=algorithm,
             device=device,
+            lm_budget=LmBudget(*lm_budget),
         )
     except ValueError as exc:
         raise UserError(f"--precision options: {exc}") from exc
@@ -283,7 +286,23 @@ def optimize(
         str | None, typer.Option(help="Comma-separated node names never quantized.")
     ] = None,
     int4_block_size: Annotated[int, typer.Option(help="int4 MatMulNBits block size.")] = 32,
-    int4_algorithm: Annotated[str, typer.Option(help="rtn | hqq | gptq (int4).")] = "rtn",
+    int4_algorithm: Annotated[
+        str,
+        typer.Option(
+            help="affine (float block offsets kept, see int4_affine) | rtn | hqq | gptq (int4)."
+        ),
+    ] = "rtn",
+    max_perplexity_increase: Annotated[
+        float,
+        typer.Option(
+            help="LM guard (a causal LM with tokenizer.json beside it): perplexity on real "
+            "text may grow by this fraction."
+        ),
+    ] = 0.05,
+    min_top1: Annotated[
+        float,
+        typer.Option(help="LM guard: share of positions where the greedy next token agrees."),
+    ] = 0.90,
     list_passes: Annotated[
         bool, typer.Option(help="List registered passes and recipes, then exit.")
     ] = False,
@@ -346,6 +365,7 @@ def optimize(
                 int4_block_size,
                 int4_algorithm,
                 provider,
+                (max_perplexity_increase, min_top1),
             ),
         )
         result = run(options, sink, ConsoleListener(quiet))

@@ -36,6 +36,7 @@ from pipeline.load import (
 )
 from pipeline.pass_manager import AUTO_END_VERIFY_BYTES, PassRecord, VerifiedPassManager
 from pipeline.quantization import stage as quantize_mod
+from pipeline.quantization.lm_guard import tokenizer_beside
 from pipeline.recipe import Recipe, VerifySettings
 from pipeline.report import Report, model_facts
 from pipeline.runtime import inputs as inputs_mod
@@ -233,6 +234,15 @@ def _resolve_provider(
     return recipe, resolution
 
 
+def _with_lm_tokenizer(options: RunOptions) -> quantize_mod.QuantizeOptions:
+    """The quantize options, pointed at the ``tokenizer.json`` beside the input model when
+    there is one (the LM guard uses it only for a causal LM)."""
+    tokenizer = tokenizer_beside(options.input_path)
+    if options.quantize.lm_tokenizer is not None or tokenizer is None:
+        return options.quantize
+    return dataclasses.replace(options.quantize, lm_tokenizer=tokenizer)
+
+
 def _output_tolerances(
     model: ir.Model, recipe: Recipe, options: RunOptions, report: Report
 ) -> dict[str, Tolerance]:
@@ -337,7 +347,7 @@ def run(options: RunOptions, report_sink: list[Report], listener: Listener | Non
         listener.stage(f"quantize {options.quantize.precision}")
         t0 = time.perf_counter()
         optimized, report.quantization = quantize_mod.run_stage(
-            optimized, options.quantize, sets, reference
+            optimized, _with_lm_tokenizer(options), sets, reference
         )
         report.seconds["quantize"] = time.perf_counter() - t0
         report.warnings.extend(report.quantization.get("notes", []))

@@ -23,12 +23,13 @@ import onnx
 
 from pipeline.quantization import calibration, guard, preprocess, tiers
 from pipeline.quantization.isa import choose_int8_types
+from pipeline.quantization.lm_guard import LmBudget, LmEvaluator, is_causal_lm
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = (*tiers.TIERS, "auto")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-INT4_ALGORITHMS = ("rtn", "hqq", "gptq")
+INT4_ALGORITHMS = ("affine", "rtn", "hqq", "gptq")
 MAX_GUARD_ROUNDS = 10
 # The guard may keep at most this share of the quantized nodes in float: beyond it the tier
 # is not worth having (it is mostly fp32 with conversion overhead), so it misses its budget.
@@ -55,13 +56,16 @@ class QuantizeOptions:
         max_cosine_drop: Budget: ``1 - mean cosine`` to fp32 on every float output. None:
             the tier's ``default_cosine_drop`` (quantization/tiers.py).
         int4_block_size: MatMulNBits block size (power of two, >= 16).
-        int4_algorithm: rtn | hqq | gptq (gptq needs calibration data).
+        int4_algorithm: affine | rtn | hqq | gptq (gptq needs calibration data).
         fp16_keep_io_types: Keep float32 graph inputs/outputs (Casts at the edges).
         fp16_op_block_list: Extra op types kept in fp32.
         cache_dir: Calibration cache folder (keyed by model hash); None: per call only.
         quant_format: qdq | qoperator (int8-static).
         device: cpu | cuda: where the model will run; ``auto`` tries fp16 only on cuda.
         latency_rounds: Interleaved rounds per candidate in ``auto``.
+        lm_tokenizer: The ``tokenizer.json`` of a causal LM: the guard then scores
+            perplexity and top-1 agreement on real text (``lm_guard``) instead of cosine.
+        lm_budget: The LM guard's budget (perplexity increase, top-1 agreement).
     """
 
     precision: str = "fp32"
@@ -81,6 +85,8 @@ class QuantizeOptions:
     quant_format: str = "qdq"
     device: str = "cpu"
     latency_rounds: int = 9
+    lm_tokenizer: Path | None = None
+    lm_budget: LmBudget = field(default_factory=LmBudget)
 
     def __post_init__(self) -> None:
         checks = (
@@ -412,7 +418,7 @@ def _quantize_tier(
             raise ValueError(tier.name)
         return target
 
-    evaluator = guard.Evaluator(str(prepared), reference_feeds)
+    evaluator = _evaluator(original, prepared, options, reference_feeds, notes)
     excluded = list(options.exclude_nodes)
     candidate = make(excluded)
     accuracy = evaluator.measure(str(candidate))
@@ -471,6 +477,18 @@ def _quantize_tier(
         isa=isa.isa,
         quantized_nodes=len(quantized) - len(auto_excluded),
     )
+
+
+def _evaluator(original, prepared: Path, options: QuantizeOptions, reference_feeds, notes):
+    """The LM guard for a causal LM whose tokenizer is known, else the cosine guard."""
+    if options.lm_tokenizer is not None and is_causal_lm(original):
+        notes.append(
+            "LM guard: perplexity and top-1 agreement against the fp32 model on the bundled "
+            "calibration text decide; the evaluation text (never seen by a decision) is "
+            "reported in the final check"
+        )
+        return LmEvaluator(prepared, options.lm_tokenizer, options.lm_budget, "calibration")
+    return guard.Evaluator(str(prepared), reference_feeds)
 
 
 def _schedule(total: int) -> list[int]:
@@ -635,10 +653,18 @@ def run_stage(
                     value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
         sess = guard.session(str(out_path), "all")
         outputs = [guard.run(sess, feeds) for feeds in sets]
-    budget = result.max_cosine_drop
-    final = guard.accuracy_of(reference, outputs, sets)
+        budget = result.max_cosine_drop
+        if options.lm_tokenizer is not None and is_causal_lm(
+            onnx.load(str(fp32_path), load_external_data=False)
+        ):
+            held_out = LmEvaluator(fp32_path, options.lm_tokenizer, options.lm_budget, "evaluation")
+            final = held_out.measure(out_path)
+            against = "the verified fp32 model on held-out text (LM guard)"
+        else:
+            final = guard.accuracy_of(reference, outputs, sets)
+            against = "original model (reference outputs)"
     section["final_check"] = {
-        "against": "original model (reference outputs)",
+        "against": against,
         "max_cosine_drop": budget,
         "passed": final.within(budget),
         "summary": final.summary(budget),
