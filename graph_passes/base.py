@@ -24,6 +24,10 @@ class GraphPass(ir.passes.InPlacePass):
     # Passes that must come before this one when a recipe has both (recipes are checked
     # against these on load): e.g. remove_dead collects what the others left behind.
     runs_after: ClassVar[tuple[str, ...]] = ()
+    # Runs only once the other passes of the recipe have stopped changing the model (and
+    # from then on in every iteration): for a rewrite that would hide the patterns other
+    # fusions match, such as packing q/k/v before attention is fused.
+    after_fixed_point: ClassVar[bool] = False
 
     def __init__(self, target: Target | None = None) -> None:
         super().__init__()

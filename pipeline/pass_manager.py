@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 
 from graph_passes.base import GraphPass
-from graph_passes.registry import create_pass
+from graph_passes.registry import REGISTRY, create_pass
 from pipeline.verify import Verdict, Verifier
 
 logger = logging.getLogger(__name__)
@@ -166,12 +166,25 @@ class VerifiedPassManager:
 
     # -- per-pass verification ---------------------------------------------------------
 
+    def _waits(self, name: str) -> bool:
+        """Whether ``name`` runs only after the others reach their fixed point."""
+        return getattr(REGISTRY.get(name), "after_fixed_point", False)
+
+    def _settled(self, settled: bool, any_modified: bool) -> bool | None:
+        """The next iteration's ``settled`` flag; None when the loop is done."""
+        if any_modified:
+            return settled
+        if settled or not any(self._waits(name) for name in self.pass_names):
+            return None
+        return True  # the others are done: the waiting passes run from now on
+
     def _run_per_pass(self, result: PassManagerResult) -> None:
+        settled: bool | None = False
         for iteration in range(1, self.max_iterations + 1):
             result.iterations = iteration
             any_modified = False
             for name in self.pass_names:
-                if name in result.rolled_back:
+                if name in result.rolled_back or (self._waits(name) and not settled):
                     continue
                 snapshot = result.model.clone()
                 record, crashed = self._apply(name, result.model, iteration)
@@ -189,7 +202,8 @@ class VerifiedPassManager:
                     record.nodes_after = record.nodes_before
                     result.rolled_back[name] = record.reason
                 self._emit(result, record)
-            if not any_modified:
+            settled = self._settled(settled, any_modified)
+            if settled is None:
                 return
 
     # -- verify at the end, bisect on failure ------------------------------------------
@@ -229,11 +243,12 @@ class VerifiedPassManager:
         applied: list[PassRecord],
         history: list[tuple[PassRecord, ir.Model]],
     ) -> None:
+        settled: bool | None = False
         for iteration in range(1, self.max_iterations + 1):
             result.iterations = iteration
             any_modified = False
             for name in self.pass_names:
-                if name in result.rolled_back:
+                if name in result.rolled_back or (self._waits(name) and not settled):
                     continue
                 snapshot = result.model.clone()
                 record, crashed = self._apply(name, result.model, iteration)
@@ -244,7 +259,8 @@ class VerifiedPassManager:
                 elif record.modified:
                     any_modified = True
                     history.append((record, result.model.clone()))
-            if not any_modified:
+            settled = self._settled(settled, any_modified)
+            if settled is None:
                 return
 
     def _bisect(self, history: list[tuple[PassRecord, ir.Model]]) -> int:

@@ -105,3 +105,54 @@ def test_end_mode_bisects_to_the_culprit_among_several_applications() -> None:
     result = _manager(["drop_identity", "add_to_sub"], model, "end").run(model)
     assert list(result.rolled_back) == ["add_to_sub"]
     assert op_list(result.model) == ["Constant", "Add", "Relu"]
+
+
+class DropOneIdentity(GraphPass):
+    """Correct, and slow on purpose: bypasses one Identity per run."""
+
+    name = "drop_one_identity"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.matches = 0
+        for node in list(model.graph):
+            if node.op_type == "Identity" and not node.outputs[0].is_graph_output():
+                node.outputs[0].replace_all_uses_with(node.inputs[0])
+                model.graph.remove(node, safe=True)
+                self.matches = 1
+                break
+        return self.result(model)
+
+
+class IdentitiesSeen(GraphPass):
+    """Registered under a name whose class waits for the fixed point; records what it saw."""
+
+    seen: list[int] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        IdentitiesSeen.seen.append(sum(n.op_type == "Identity" for n in model.graph))
+        self.matches = 0
+        return self.result(model)
+
+
+@pytest.mark.parametrize("mode", ["per-pass", "end"])
+def test_a_waiting_pass_runs_only_after_the_fixed_point(mode: str) -> None:
+    """fuse_packed_matmuls waits (after_fixed_point): it first runs once the other passes
+    have stopped changing the model, so it never sees a pattern they were still to fuse."""
+    model = model_from_text(MODEL.replace("i = Identity(x)", "j = Identity(x)\n  i = Identity(j)"))
+    factory = {"drop_one_identity": DropOneIdentity, "fuse_packed_matmuls": IdentitiesSeen}
+    sets = inputs.generate_input_sets(model)
+    verifier = Verifier(
+        sets, runners.run_all(runners.create_session(model), sets), Tolerance(1e-5, 1e-6)
+    )
+    IdentitiesSeen.seen = []
+    manager = VerifiedPassManager(
+        ["fuse_packed_matmuls", "drop_one_identity"],
+        verifier,
+        mode=mode,
+        pass_factory=lambda n: factory[n](),
+    )
+    result = manager.run(model)
+    assert op_list(result.model) == ["Constant", "Add", "Relu"]
+    # iterations 1, 2 drop one Identity each, 3 changes nothing: only then (iteration 4)
+    # does the waiting pass run, and the loop ends after that quiet iteration
+    assert IdentitiesSeen.seen == [0] and result.iterations == 4

@@ -261,6 +261,19 @@ def test_a_present_read_by_another_op_keeps_the_cache_outside(fused):
     assert any("present.0.key is read by Mul" in r for r in fusion.rejected)
 
 
+def test_projections_are_packed_per_shared_input(export, fused):
+    """After the attention fusions, q/k/v and gate/up of each layer become one MatMul each."""
+    model = fused.clone()
+    assert _apply("fuse_attention_cache", model, Target("cpu")) == 2
+    before = ops(model)
+    assert _apply("fuse_packed_matmuls", model, Target("cpu")) == 4  # 2 layers x (qkv, gate/up)
+    counts = ops(model)
+    assert counts["Split"] == before["Split"] + 4
+    assert counts["MatMul"] == before["MatMul"] - 2 * 3 + 2 * 1 - 2 * 2 + 2 * 1
+    check(model)
+    assert_decoder_parity(export, model)
+
+
 # -- fuse_rms_norm on the Llama graph (regression) ----------------------------------------------
 
 
