@@ -18,9 +18,12 @@ import pytest
 from graph_passes.fusions.attention import FuseAttention
 from graph_passes.registry import create_pass
 from graph_passes.target.targets import Target
+from pipeline.pass_manager import VerifiedPassManager
 from pipeline.recipe import load_recipe
 from pipeline.runtime import inputs
 from pipeline.runtime import sessions as runners
+from pipeline.runtime.compare import Tolerance
+from pipeline.verify import Verifier
 
 VARIANTS = {  # id: (exporter, attn_implementation)
     "optimum": ("optimum", "sdpa"),
@@ -43,19 +46,19 @@ def pass_names() -> list[str]:
 
 
 def optimize(model: ir.Model, target: Target) -> tuple[ir.Model, int]:
-    """Apply the passes to a fixed point, as the pass manager does (without verification)."""
-    fused = 0
-    for _ in range(8):
-        modified = False
-        for name in pass_names():
-            pass_ = FuseAttention(target) if name == "fuse_attention" else create_pass(name, target)
-            modified |= pass_(model).modified
-            model.graph.sort()
-            if name == "fuse_attention":
-                fused += pass_.matches
-        if not modified:
-            break
-    return model, fused
+    """Apply the passes to a fixed point with the pass manager (checker only: no reference
+    run, the test compares outputs itself)."""
+    manager = VerifiedPassManager(
+        pass_names(),
+        Verifier([], None, Tolerance()),
+        pass_factory=lambda name: (
+            FuseAttention(target) if name == "fuse_attention" else create_pass(name, target)
+        ),
+    )
+    result = manager.run(model)
+    assert result.rolled_back == {}
+    fused = sum(r.matches for r in result.records if r.name == "fuse_attention" and r.modified)
+    return result.model, fused
 
 
 def mask_feeds(seq: int = 11, batch: int = 3, seed: int = 0) -> list[dict[str, np.ndarray]]:

@@ -73,7 +73,9 @@ class FusePackedMatMuls(Fusion):
         first = nodes[0]
         packed = np.concatenate([weight for _, weight in members], axis=1)
         weight = new_initializer(graph, names, f"{first.name or 'matmul'}_packed", packed)
-        matmul = ir.Node("", "MatMul", [first.inputs[0], weight], name=f"{first.name}_packed")
+        # Unnamed nodes stay unnamed: a made-up name could repeat (ORT rejects duplicates).
+        named = f"{first.name}_packed" if first.name else None
+        matmul = ir.Node("", "MatMul", [first.inputs[0], weight], name=named)
         widths = np.array([w.shape[1] for _, w in members], dtype=np.int64)
         if opset >= SPLIT_INPUT_OPSET:
             sizes = new_initializer(graph, names, f"{first.name or 'matmul'}_widths", widths)
@@ -83,7 +85,7 @@ class FusePackedMatMuls(Fusion):
                 [matmul.outputs[0], sizes],
                 [ir.AttrInt64("axis", -1)],
                 num_outputs=len(nodes),
-                name=f"{first.name}_unpack",
+                name=f"{first.name}_unpack" if first.name else None,
             )
         else:
             split = ir.Node(
@@ -92,7 +94,7 @@ class FusePackedMatMuls(Fusion):
                 [matmul.outputs[0]],
                 [ir.AttrInt64("axis", -1), ir.AttrInt64s("split", widths.tolist())],
                 num_outputs=len(nodes),
-                name=f"{first.name}_unpack",
+                name=f"{first.name}_unpack" if first.name else None,
             )
         graph.insert_before(first, [matmul, split])
         old_weights = [node.inputs[1] for node in nodes]

@@ -70,3 +70,15 @@ def test_old_opsets_take_split_sizes_as_an_attribute():
     ops, pass_, model = run(graph(body, [("a", 5), ("b", 3)], [(4, 5), (4, 3)], opset=11))
     split = next(n for n in model.graph if n.op_type == "Split")
     assert list(split.attributes["split"].as_ints()) == [5, 3] and len(split.inputs) == 1
+
+
+def test_two_groups_of_unnamed_matmuls_stay_loadable():
+    """The fuzzer's find: naming both packed nodes "_packed" made ORT reject the model."""
+    body = """p = MatMul(x, w0)
+  q = MatMul(x, w1)
+  r = MatMul(z, w2)
+  s = MatMul(z, w3)
+  a = Add(p, q)
+  b = Add(r, s)"""
+    ops, pass_, _ = run(graph(body, [("a", 3), ("b", 3)], [(4, 3), (4, 3), (6, 3), (6, 3)]))
+    assert pass_.matches == 2 and ops.count("Split") == 2
