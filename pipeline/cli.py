@@ -291,7 +291,7 @@ def optimize(
         typer.Option(
             help="affine (float block offsets kept, see int4_affine) | rtn | hqq | gptq (int4)."
         ),
-    ] = "rtn",
+    ] = "affine",
     max_perplexity_increase: Annotated[
         float,
         typer.Option(

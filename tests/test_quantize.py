@@ -788,7 +788,8 @@ def test_int4_quantizes_gemm_weights(tmp_path):
     ]
     result = quantize_model(src, tmp_path / "q.onnx", QuantizeOptions("int4"), reference_feeds=data)
     found = ops(tmp_path / "q.onnx")
-    assert found["MatMulNBits"] == 2 and found["MatMul"] == 0, found
+    # affine (the default): each lowered MatMul adds a block-sums and an offsets MatMul
+    assert found["MatMulNBits"] == 2 and found["MatMul"] == 4, found
     assert result.quantized_nodes == 2
     assert any("2 Gemm node(s) lowered" in n for n in result.notes), result.notes
     assert any("int4: 2 of 2 MatMul" in n for n in result.notes), result.notes

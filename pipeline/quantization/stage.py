@@ -78,7 +78,7 @@ class QuantizeOptions:
     exclude_op_types: tuple[str, ...] = ()
     max_cosine_drop: float | None = None
     int4_block_size: int = 32
-    int4_algorithm: str = "rtn"
+    int4_algorithm: str = "affine"
     fp16_keep_io_types: bool = True
     fp16_op_block_list: tuple[str, ...] = ()
     cache_dir: Path | None = None
