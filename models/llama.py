@@ -21,25 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-TINY = {
-    "vocab_size": 256,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "max_position_embeddings": 256,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0,
-    "hidden_act": "silu",
-    "tie_word_embeddings": True,
-    "attention_bias": False,
-    "mlp_bias": False,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "pad_token_id": 0,
-}
+from models import smollm2
+
+# The zoo's tiny SmolLM2 (same Llama architecture) plus the token ids a tokenizer-less
+# config needs.
+TINY = {**smollm2.TINY, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 
 
 def build_tiny(folder: str | os.PathLike, seed: int = 0, **overrides) -> Path:
