@@ -77,36 +77,34 @@ def _parse_output_tolerances(texts: list[str] | None, recipe: Recipe) -> dict[st
     return parsed
 
 
-def _quantize_options(
-    precision: str,
-    calibration: Path | None,
-    method: str,
-    max_cosine_drop: float | None,
-    exclude_nodes: str | None,
-    block_size: int,
-    algorithm: str,
-    provider: str,
-    lm_budget: tuple[float, float],
-):
-    """Validate the precision flags now (exit 2 on a bad value, before any work)."""
+def _quantize_options(provider: str, **fields):
+    """Validate the precision flags now (exit 2 on a bad value, before any work): the values,
+    and a plug-in metric, which is imported here."""
+    from pipeline.quantization import metrics
     from pipeline.quantization.lm_guard import LmBudget
-    from pipeline.quantization.stage import QuantizeOptions
+    from pipeline.quantization.stage import METRIC_AUTO, QuantizeOptions
 
-    device = quantization_device(provider)
+    max_perplexity_increase, min_top1 = fields.pop("lm_budget")
     try:
-        return QuantizeOptions(
-            precision=precision,
-            calibration=calibration,
-            calibration_method=method,
-            max_cosine_drop=max_cosine_drop,
-            exclude_nodes=tuple(_split(exclude_nodes) or ()),
-            int4_block_size=block_size,
-            int4_algorithm=algorithm,
-            device=device,
-            lm_budget=LmBudget(*lm_budget),
+        options = QuantizeOptions(
+            device=quantization_device(provider),
+            lm_budget=LmBudget(max_perplexity_increase, min_top1),
+            **fields,
         )
     except ValueError as exc:
         raise UserError(f"--precision options: {exc}") from exc
+    if options.metric != METRIC_AUTO:
+        metrics.resolve(options.metric)
+    for flag, path in (
+        ("--calibration", options.calibration),
+        ("--evaluation", options.evaluation),
+        ("--tokenizer", options.tokenizer),
+    ):
+        if path is not None and not path.exists():
+            raise UserError(f"{flag} path not found: {path}")
+    if options.evaluation is not None and options.calibration is None:
+        raise UserError("--evaluation needs --calibration (the data decisions are made on)")
+    return options
 
 
 class ConsoleListener:
@@ -163,6 +161,36 @@ def _summary(report: Report) -> Table:
     if report.provider:
         fallback = " (fallback)" if report.provider["fallback"] else ""
         table.add_row("provider", "", f"{report.provider['resolved']}{fallback}")
+    return table
+
+
+def _candidates(report: Report) -> Table | None:
+    """``--precision auto``'s measured candidates: what each kept, scored and cost."""
+    section = report.quantization or {}
+    rows = section.get("candidates") or []
+    if not rows:
+        return None
+    table = Table(
+        title=f"auto: candidates measured ({section.get('metric')}, budget "
+        f"{section.get('max_drop', 0):.4g} on the drop)",
+        header_style="bold",
+    )
+    for column in ("candidate", "kept float", "accuracy", "drop", "latency", "verdict"):
+        table.add_column(column, justify="left" if column in ("candidate", "verdict") else "right")
+    for row in rows:
+        latency, noise, drop = row.get("latency_ratio"), row.get("noise"), row.get("drop")
+        figures = ", ".join(f"{k} {v:.4f}" for k, v in (row.get("accuracy") or {}).items())
+        table.add_row(
+            row["precision"] + (" (chosen)" if row.get("chosen") else ""),
+            "" if row.get("kept_float") is None else str(row["kept_float"]),
+            figures if row["precision"] != "fp32" else "",
+            "" if drop is None else f"{drop:.4f}",
+            "" if latency is None else f"{latency:.2f}x" + (f" ±{noise:.2f}" if noise else ""),
+            row.get("verdict", ""),
+        )
+    table.caption = (
+        "accuracy on the decision data; latency = candidate time / fp32 time (< 1 is faster)"
+    )
     return table
 
 
@@ -270,16 +298,41 @@ def optimize(
     ] = "fp32",
     calibration: Annotated[
         Path | None,
-        typer.Option(help="Calibration data for int8-static / int4 gptq: a folder of .npz/.npy."),
+        typer.Option(
+            help="Real data: a folder of .npz/.npy input sets or .txt files (a sample per "
+            "line). It calibrates int8-static and decides the guard; about 1 item in 4 (by "
+            "content hash) is held out for the final check."
+        ),
     ] = None,
+    evaluation: Annotated[
+        Path | None,
+        typer.Option(help="Held-out data for the final check (then --calibration is not split)."),
+    ] = None,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(
+            help="tokenizer.json for .txt data and the LM guard (default: beside the model)."
+        ),
+    ] = None,
+    metric: Annotated[
+        str,
+        typer.Option(
+            help="What the budget is measured on: cosine | pooled-cosine (sentence "
+            "embeddings) | top1 | perplexity (causal LM) | MODULE:FUNCTION (your scorer, "
+            "returns a loss). auto: perplexity for a causal LM with a tokenizer, else cosine."
+        ),
+    ] = "auto",
     calibration_method: Annotated[
         str, typer.Option(help="minmax | entropy | percentile (int8-static).")
     ] = "minmax",
-    max_cosine_drop: Annotated[
+    max_drop: Annotated[
         float | None,
         typer.Option(
-            help="Accuracy budget: 1 - mean cosine to fp32 allowed on every float output "
-            "(default per tier: fp16 0.001, int8 0.01, int4 0.02)."
+            "--max-drop",
+            "--max-cosine-drop",
+            help="Accuracy budget on --metric: 1 - similarity (cosine, pooled-cosine, top1), "
+            "the relative perplexity increase, or a plug-in's loss (default per tier: fp16 "
+            "0.001, int8 0.01, int4 0.02; perplexity --max-perplexity-increase).",
         ),
     ] = None,
     exclude_nodes: Annotated[
@@ -357,18 +410,24 @@ def optimize(
             seed=seed,
             provider=_provider_request(provider, allow_fallback, provider_option, target, portable),
             quantize=_quantize_options(
-                precision,
-                calibration,
-                calibration_method,
-                max_cosine_drop,
-                exclude_nodes,
-                int4_block_size,
-                int4_algorithm,
                 provider,
-                (max_perplexity_increase, min_top1),
+                precision=precision,
+                calibration=calibration,
+                evaluation=evaluation,
+                tokenizer=tokenizer,
+                metric=metric,
+                calibration_method=calibration_method,
+                max_drop=max_drop,
+                exclude_nodes=tuple(_split(exclude_nodes) or ()),
+                int4_block_size=int4_block_size,
+                int4_algorithm=int4_algorithm,
+                lm_budget=(max_perplexity_increase, min_top1),
             ),
         )
         result = run(options, sink, ConsoleListener(quiet))
+        candidates = _candidates(result)
+        if candidates is not None:
+            console.print(candidates)
         console.print(_summary(result))
         for warning in result.warnings:
             console.print(f"[yellow]warning:[/] {warning}")

@@ -234,13 +234,27 @@ def _resolve_provider(
     return recipe, resolution
 
 
-def _with_lm_tokenizer(options: RunOptions) -> quantize_mod.QuantizeOptions:
+def _with_tokenizer(options: RunOptions) -> quantize_mod.QuantizeOptions:
     """The quantize options, pointed at the ``tokenizer.json`` beside the input model when
-    there is one (the LM guard uses it only for a causal LM)."""
+    none was given (text data and, for a causal LM, the LM guard use it)."""
     tokenizer = tokenizer_beside(options.input_path)
-    if options.quantize.lm_tokenizer is not None or tokenizer is None:
+    if options.quantize.tokenizer is not None or tokenizer is None:
         return options.quantize
-    return dataclasses.replace(options.quantize, lm_tokenizer=tokenizer)
+    return dataclasses.replace(options.quantize, tokenizer=tokenizer)
+
+
+def _quantize_options_for(model: ir.Model, options: RunOptions):
+    """The quantize options for this model, checked before any work: the metric must fit
+    the model (perplexity needs a causal LM and its tokenizer)."""
+    if options.quantize is None or options.quantize.precision == "fp32":
+        return options.quantize
+    chosen = _with_tokenizer(options)
+    names = [v.name for v in model.graph.inputs], [v.name for v in model.graph.outputs]
+    try:
+        chosen.metric_for(*names)
+    except ValueError as exc:
+        raise UserError(f"--metric {chosen.metric}: {exc}") from exc
+    return chosen
 
 
 def _output_tolerances(
@@ -281,6 +295,7 @@ def run(options: RunOptions, report_sink: list[Report], listener: Listener | Non
         detach_initializer_inputs(model)
     report.warnings.extend(load_notes(model))
     report.seconds["load"] = time.perf_counter() - started
+    quantize_options = _quantize_options_for(model, options)
     recipe, resolution = _resolve_provider(options, recipe, report, listener)
 
     listener.stage("reference run")
@@ -347,7 +362,7 @@ def run(options: RunOptions, report_sink: list[Report], listener: Listener | Non
         listener.stage(f"quantize {options.quantize.precision}")
         t0 = time.perf_counter()
         optimized, report.quantization = quantize_mod.run_stage(
-            optimized, _with_lm_tokenizer(options), sets, reference
+            optimized, quantize_options, sets, reference
         )
         report.seconds["quantize"] = time.perf_counter() - t0
         report.warnings.extend(report.quantization.get("notes", []))

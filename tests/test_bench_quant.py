@@ -12,45 +12,6 @@ from pipeline.bench import quant as bench
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_mean_pool_ignores_padding_positions():
-    hidden = np.array(
-        [[[1.0, 2.0], [3.0, 4.0], [100.0, -100.0]], [[5.0, 5.0], [7.0, 9.0], [9.0, 13.0]]],
-        dtype=np.float32,
-    )
-    mask = np.array([[1, 1, 0], [1, 1, 1]], dtype=np.int64)
-    pooled = bench.mean_pool(hidden, mask)
-    np.testing.assert_allclose(pooled, [[2.0, 3.0], [7.0, 9.0]])
-
-
-def test_mean_pool_of_an_all_padding_row_is_zero_not_nan():
-    pooled = bench.mean_pool(np.ones((1, 2, 3), np.float32), np.zeros((1, 2), np.int64))
-    assert np.all(np.isfinite(pooled)) and np.all(pooled == 0)
-
-
-def test_cosine_rows():
-    a = np.array([[1.0, 0.0], [1.0, 1.0], [2.0, 0.0]])
-    b = np.array([[2.0, 0.0], [-1.0, -1.0], [0.0, 3.0]])
-    np.testing.assert_allclose(bench.cosine_rows(a, b), [1.0, -1.0, 0.0], atol=1e-12)
-
-
-def test_nearest_neighbours_skips_self():
-    e = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
-    assert bench.nearest_neighbours(e).tolist() == [1, 0, 3, 2]
-
-
-def test_nn_agreement_counts_changed_neighbours():
-    reference = np.array([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 1.0, 0.0], [0.0, 0.9, 0.1]])
-    assert bench.nn_agreement(reference, reference * 3.0) == 1.0  # scale-free
-    moved = reference.copy()
-    moved[3] = [0.95, 0.05, 0.0]  # 3 now sits by 0 and 1, far from 2
-    assert bench.nearest_neighbours(reference).tolist() == [1, 0, 3, 2]
-    assert bench.nearest_neighbours(moved).tolist() == [3, 3, 1, 0]
-    assert bench.nn_agreement(reference, moved) == 0.0
-    moved = reference.copy()
-    moved[2] = [0.0, 0.9, 0.2]  # a small move that keeps every neighbour
-    assert bench.nn_agreement(reference, moved) == 1.0
-
-
 def test_nn_margins_are_zero_for_exact_ties():
     e = np.array([[1.0, 0.0], [0.8, 0.6], [0.8, -0.6]])  # rows 1 and 2 tie for row 0
     margins = bench.nn_margins(e)

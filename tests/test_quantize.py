@@ -235,18 +235,19 @@ def sensitive_model(path: Path) -> Path:
 
 def test_guard_excludes_the_sensitive_node_and_the_budget_then_holds(tmp_path):
     src = sensitive_model(tmp_path / "s.onnx")
-    options = QuantizeOptions("int8-dynamic", max_cosine_drop=0.005)
+    options = QuantizeOptions("int8-dynamic", max_drop=0.005)
     unguarded = quantize_model(
         src,
         tmp_path / "plain.onnx",
-        QuantizeOptions("int8-dynamic", max_cosine_drop=0.9),  # everything passes: no guard
+        QuantizeOptions("int8-dynamic", max_drop=0.9),  # everything passes: no guard
         reference_feeds=feeds(),
     )
     assert unguarded.excluded_nodes == []
     assert 1 - unguarded.accuracy["y"] > 0.005  # the model really is sensitive
     result = quantize_model(src, tmp_path / "q.onnx", options, reference_feeds=feeds())
     assert result.sensitivity[0][0] == "bad"
-    assert result.sensitivity[0][1] < result.sensitivity[1][1] - 10  # dB, clearly worst
+    # measured: the metric's drop with only that node quantized; 'bad' is clearly worst
+    assert result.sensitivity[0][1] > 100 * result.sensitivity[1][1]
     assert result.excluded_nodes == ["bad"]
     assert result.within_budget and 1 - result.accuracy["y"] <= 0.005
     found = ops(tmp_path / "q.onnx")
@@ -259,7 +260,7 @@ def test_guard_reports_a_budget_it_cannot_meet(tmp_path):
     result = quantize_model(
         src,
         tmp_path / "q.onnx",
-        QuantizeOptions("int4", max_cosine_drop=0.0),
+        QuantizeOptions("int4", max_drop=0.0),
         reference_feeds=feeds(),
     )
     # At most half the quantized nodes may stay float; one int4 MatMul is still lossy.
@@ -523,8 +524,8 @@ def test_options_are_validated():
         QuantizeOptions("int3")
     with pytest.raises(ValueError, match="block size"):
         QuantizeOptions("int4", int4_block_size=24)
-    with pytest.raises(ValueError, match="cosine"):
-        QuantizeOptions("int8-dynamic", max_cosine_drop=1.5)
+    with pytest.raises(ValueError, match="max drop"):
+        QuantizeOptions("int8-dynamic", max_drop=1.5)
 
 
 def test_auto_measures_every_candidate_and_keeps_the_fastest_within_budget(tmp_path):
@@ -854,3 +855,168 @@ def tiers_reader(sets: list[dict]):
     from pipeline.quantization.calibration import FeedsReader
 
     return FeedsReader(sets, {"x": np.dtype(np.float32)})
+
+
+def decoy_model(path: Path) -> Path:
+    """A sensitive node that a noise proxy ranks second, behind a harmless 'decoy'.
+
+    'bad' reads ``x * s`` with a moderate outlier (s[0] = 30): its output keeps ~20 dB of
+    SQNR but carries most of y, so its noise reaches y. 'decoy' reads an extreme outlier
+    (s[0] = 1e5): every ordinary channel rounds to zero (SQNR ~0 dB, the worst), but its
+    output is scaled by 1e-4 before it joins y, so its noise never shows. Keeping 'bad' in
+    float is enough; a proxy that keeps the lowest-SQNR node first needs two.
+    """
+    rng = np.random.default_rng(5)
+    mild, extreme = np.ones(64, np.float32), np.ones(64, np.float32)
+    mild[0], extreme[0] = 30.0, 1e5
+    weights = {
+        "s_mild": mild,
+        "s_extreme": extreme,
+        "w_bad": (rng.standard_normal((64, 32)) * 0.5).astype(np.float32),
+        "w_decoy": (rng.standard_normal((64, 32)) * 0.5).astype(np.float32),
+        "w_good": (rng.standard_normal((64, 32)) * 0.1).astype(np.float32),
+        "tiny": np.array(1e-4, np.float32),
+    }
+    weights["w_bad"][0] = weights["w_decoy"][0] = 1e-5
+    nodes = [
+        helper.make_node("Mul", ["x", "s_mild"], ["hm"], name="mild"),
+        helper.make_node("Mul", ["x", "s_extreme"], ["he"], name="extreme"),
+        helper.make_node("MatMul", ["hm", "w_bad"], ["b"], name="bad"),
+        helper.make_node("MatMul", ["he", "w_decoy"], ["d"], name="decoy"),
+        helper.make_node("Mul", ["d", "tiny"], ["ds"], name="shrink"),
+        helper.make_node("MatMul", ["x", "w_good"], ["g"], name="good"),
+        helper.make_node("Add", ["b", "g"], ["bg"], name="sum1"),
+        helper.make_node("Add", ["bg", "ds"], ["y"], name="sum2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "decoy",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 32])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def test_guard_keeps_fewer_nodes_float_than_a_noise_proxy_would(tmp_path):
+    src = decoy_model(tmp_path / "decoy.onnx")
+    sets = feeds(4, batch=8)
+    model = onnx.load(str(src))
+    proxy = guard.sensitivity(
+        model, None, ["bad", "decoy", "good"], sets, guard.Scheme(tiers.TIERS["int8-dynamic"])
+    )
+    assert [name for name, _ in proxy][:2] == ["decoy", "bad"]  # SQNR puts the decoy first
+    budget = 0.002
+    full = quantize_model(
+        src,
+        tmp_path / "all.onnx",
+        QuantizeOptions("int8-dynamic", max_drop=0.9),
+        reference_feeds=sets,
+    )
+    assert 1 - full.accuracy["y"] > budget  # the budget is really missed with every node
+    result = quantize_model(
+        src,
+        tmp_path / "q.onnx",
+        QuantizeOptions("int8-dynamic", max_drop=budget),
+        reference_feeds=sets,
+    )
+    assert result.within_budget and result.excluded_nodes == ["bad"]
+    assert result.sensitivity[0][0] == "bad"
+    assert [p["kept_float"] for p in result.guard_path] == [0, 1]
+    assert ops(tmp_path / "q.onnx")["MatMulInteger"] == 2
+    # the proxy's order would have kept 'decoy' first, which does not hold the budget
+    decoy_only = quantize_model(
+        src,
+        tmp_path / "d.onnx",
+        QuantizeOptions("int8-dynamic", max_drop=0.9, exclude_nodes=("decoy",)),
+        reference_feeds=sets,
+    )
+    assert 1 - decoy_only.accuracy["y"] > budget
+
+
+def test_fewest_within_doubles_then_bisects_to_the_smallest_count():
+    from pipeline.quantization.exclusions import Point, fewest_within
+
+    class Drop:
+        def __init__(self, drop):
+            self.drop = drop
+
+        def within(self, budget):
+            return self.drop <= budget
+
+        def summary(self, budget):
+            return f"{self.drop}"
+
+    measured = []
+
+    def measure(count):
+        measured.append(count)
+        return Point(count, Drop(1.0 / (count + 1)), f"m{count}")  # within 0.1 from 9 on
+
+    chosen, path = fewest_within(20, measure, 0.1, Point(0, Drop(1.0), "m0"))
+    assert chosen.kept_float == 9 and chosen.path == "m9"
+    assert measured == [1, 2, 4, 8, 16, 12, 10, 9]
+    assert [p.kept_float for p in path] == sorted(measured + [0])
+    measured.clear()
+    chosen, _ = fewest_within(5, measure, 0.01, Point(0, Drop(1.0), "m0"))
+    assert chosen.kept_float == 5 and measured == [1, 2, 4, 5]  # never within: the limit
+
+
+def test_cli_plugin_metric_with_held_out_data_end_to_end(tmp_path):
+    src = mlp(tmp_path / "mlp.onnx", hidden=128)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    for index, feed in enumerate(feeds(12, batch=4, seed=11)):
+        np.savez(data_dir / f"{index}.npz", **feed)
+    scorer = tmp_path / "scorer.py"
+    scorer.write_text(
+        "import numpy as np\n"
+        "def relative_error(reference, candidate, feeds):\n"
+        "    ref = np.concatenate([r['y'] for r in reference])\n"
+        "    got = np.concatenate([c['y'] for c in candidate])\n"
+        "    return float(np.abs(got - ref).max() / np.abs(ref).max())\n"
+    )
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    done = _cli(
+        src,
+        "-o",
+        out,
+        "--report",
+        report,
+        "--precision",
+        "int8-dynamic",
+        "--no-speed-check",
+        "--metric",
+        f"{scorer}:relative_error",
+        "--max-drop",
+        "0.05",
+        "--calibration",
+        data_dir,
+    )
+    assert done.returncode == 0, done.stderr
+    section = json.loads(report.read_text())["quantization"]
+    assert section["metric"] == f"{scorer}:relative_error"
+    check = section["final_check"]
+    assert check["passed"] and check["metric"] == section["metric"]
+    assert "held-out evaluation data" in check["against"]
+    assert 0 < check["outputs"]["loss"] <= 0.05
+    assert "held out by content hash" in section["data"]["evaluation"]
+    assert section["data"]["decision"] == "the calibration set(s)"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--metric", "perplexity"), "causal LM"),
+        (("--metric", "no_such_module_q:f"), "cannot import"),
+        (("--evaluation", "."), "--evaluation needs --calibration"),
+        (("--calibration", "/no/such/folder"), "not found"),
+    ],
+)
+def test_cli_metric_and_data_mistakes_exit_2_before_any_work(tmp_path, extra, message):
+    src = mlp(tmp_path / "mlp.onnx")
+    out = tmp_path / "out.onnx"
+    done = _cli(src, "-o", out, "--precision", "int8-dynamic", "--no-speed-check", *extra)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert message in " ".join((done.stdout + done.stderr).split())
+    assert not out.exists()

@@ -38,6 +38,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
+from pipeline.quantization.metrics import (
+    cosine_rows,
+    mean_pool,
+    nearest_neighbours,
+    nn_agreement,
+)
 from pipeline.runtime.sessions import open_session
 from pipeline.runtime.timing import interleaved_rounds, ratio_stats, runs_per_sample
 
@@ -53,37 +59,6 @@ Feeds = dict[str, np.ndarray]
 
 
 # ---------------------------------------------------------------- pure metric functions
-
-
-def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Sentence embeddings ``[batch, dim]``: the mean of ``hidden`` over real tokens only.
-
-    Padding positions carry hidden states too; sentence-transformers ignores them, and so
-    must we, or the embedding of a short sentence would depend on its batch-mates.
-    """
-    weights = mask[..., None].astype(np.float64)
-    return (hidden.astype(np.float64) * weights).sum(1) / np.maximum(weights.sum(1), 1e-9)
-
-
-def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine similarity of each row of ``a`` with the same row of ``b``."""
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    norms = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-    return (a * b).sum(1) / norms
-
-
-def nearest_neighbours(embeddings: np.ndarray) -> np.ndarray:
-    """For each row, the index of the most cosine-similar OTHER row."""
-    unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-30)
-    similarity = unit @ unit.T
-    np.fill_diagonal(similarity, -np.inf)
-    return similarity.argmax(1)
-
-
-def nn_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
-    """Share of rows whose nearest other row is the same under both embeddings."""
-    return float((nearest_neighbours(reference) == nearest_neighbours(candidate)).mean())
 
 
 def nn_margins(embeddings: np.ndarray) -> np.ndarray:
@@ -330,7 +305,7 @@ def bench_minilm(args, work: Path) -> list[str]:
             )
         )
     configs += [
-        ("tool int8-dynamic, budget 0.005", tool(precision="int8-dynamic", max_cosine_drop=0.005)),
+        ("tool int8-dynamic, budget 0.005", tool(precision="int8-dynamic", max_drop=0.005)),
         ("tool int8-static minmax (QDQ)", tool(precision="int8-static")),
     ]
     rows = []
@@ -444,7 +419,7 @@ def bench_cnn(args, work: Path) -> list[str]:
         result = quantize_model(
             upgraded,
             target,
-            QuantizeOptions(precision="auto", max_cosine_drop=0.02),
+            QuantizeOptions(precision="auto", max_drop=0.02),
             reference_feeds=eval_feeds[:4],
             calibration_feeds=calib_feeds,
         )
@@ -592,7 +567,7 @@ def bench_gpt2(args, work: Path) -> list[str]:
                         precision="int4",
                         int4_algorithm=algorithm,
                         int4_block_size=block,
-                        max_cosine_drop=0.5,
+                        max_drop=0.5,
                     ),
                     reference_feeds=[feeds],
                 )

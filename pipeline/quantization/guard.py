@@ -249,19 +249,6 @@ def accuracy_of(
     return result
 
 
-class Evaluator:
-    """fp32 reference outputs computed once; candidates measured against them."""
-
-    def __init__(self, fp32_path: str, feeds: Sequence[Feeds]) -> None:
-        self.feeds = list(feeds)
-        sess = session(fp32_path, "disable_all")
-        self.reference = [run(sess, f) for f in self.feeds]
-
-    def measure(self, model_path: str) -> Accuracy:
-        sess = session(model_path, "all")
-        return accuracy_of(self.reference, [run(sess, f) for f in self.feeds], self.feeds)
-
-
 # ---------------------------------------------------------------------------------------------
 # Sensitivity
 

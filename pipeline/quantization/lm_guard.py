@@ -57,6 +57,12 @@ class LmAccuracy:
     quality: lm_quality.LmQuality
     budget: LmBudget
     split: str
+    metric = "perplexity"
+
+    @property
+    def drop(self) -> float:
+        """The perplexity increase (0.05 = +5%): what the node ranking sorts by."""
+        return self.quality.perplexity_ratio - 1
 
     def within(self, _cosine_budget: float | None = None) -> bool:
         ratio_ok = self.quality.perplexity_ratio <= 1 + self.budget.max_perplexity_increase
@@ -82,12 +88,15 @@ class LmAccuracy:
 
 def is_causal_lm(model: onnx.ModelProto) -> bool:
     """The decoder-with-past interface: ``input_ids`` and ``past*`` in, ``logits`` out."""
-    inputs = [i.name for i in model.graph.input]
-    outputs = [o.name for o in model.graph.output]
+    return has_causal_lm_interface(
+        [i.name for i in model.graph.input], [o.name for o in model.graph.output]
+    )
+
+
+def has_causal_lm_interface(inputs: list[str], outputs: list[str]) -> bool:
+    """``is_causal_lm`` on the input and output names."""
     return (
-        "input_ids" in inputs
-        and any(n.startswith("past") for n in inputs)
-        and ("logits" in outputs)
+        "input_ids" in inputs and any(n.startswith("past") for n in inputs) and "logits" in outputs
     )
 
 
@@ -98,11 +107,19 @@ def tokenizer_beside(model_path: Path) -> Path | None:
 
 
 class LmEvaluator:
-    """fp32 scored once on ``split``; each candidate scored on the same windows."""
+    """fp32 scored once on ``text`` (the bundled ``split`` when None); each candidate scored
+    on the same windows."""
 
-    def __init__(self, fp32_path: Path, tokenizer: Path, budget: LmBudget, split: str) -> None:
+    def __init__(
+        self,
+        fp32_path: Path,
+        tokenizer: Path,
+        budget: LmBudget,
+        split: str,
+        text: str | None = None,
+    ) -> None:
         self.budget, self.split = budget, split
-        text = lm_quality.bundled_text(split)
+        text = lm_quality.bundled_text(split) if text is None else text
         ids = np.asarray(lm_quality.load_tokenizer(Path(tokenizer).parent).encode(text).ids)
         self.windows = lm_quality.token_windows(ids, LENGTH, WINDOWS)
         self.reference = self._score(fp32_path)

@@ -1,11 +1,14 @@
 """Precision tiers with an accuracy guard: the entry point of the quantization stage.
 
 ``quantize_model`` lowers an fp32 ONNX model to one of ``PRECISIONS`` with ONNX Runtime's own
-tools (see ``pipeline.quantization``), measures the result against fp32 on the reference
-inputs, and when the accuracy budget (``max_cosine_drop``) is missed, keeps the most
-sensitive nodes in float, greedily, until it holds. ``auto`` tries the tiers that fit the
-device and returns the fastest one within budget, measured against fp32 side by side; fp32
-when none is faster. Nothing here trusts a tier to be accurate or fast: both are measured.
+tools (see ``pipeline.quantization``), scores the result against fp32 on the metric the user
+chose (``metrics``) over the decision data (``data``), and when the budget (``max_drop``) is
+missed, keeps the nodes whose measured effect on that metric is largest in float, as few as
+hold the budget (``exclusions``). ``auto`` builds every tier that fits the device that way,
+measures each one's latency against fp32 side by side, and returns the fastest within budget
+(fp32 when none is faster); every candidate measured is reported. The final check scores the
+result on the evaluation data, which no decision saw. Nothing here trusts a tier to be
+accurate or fast: both are measured.
 """
 
 from __future__ import annotations
@@ -21,16 +24,21 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from pipeline.quantization import calibration, guard, preprocess, tiers
+from pipeline.quantization import calibration, data, exclusions, guard, metrics, preprocess, tiers
 from pipeline.quantization.isa import choose_int8_types
-from pipeline.quantization.lm_guard import LmBudget, LmEvaluator, is_causal_lm
+from pipeline.quantization.lm_guard import (
+    LmBudget,
+    LmEvaluator,
+    has_causal_lm_interface,
+    is_causal_lm,
+)
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = (*tiers.TIERS, "auto")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+METRIC_AUTO = "auto"  # perplexity for a causal LM whose tokenizer is known, cosine otherwise
 INT4_ALGORITHMS = ("affine", "rtn", "hqq", "gptq")
-MAX_GUARD_ROUNDS = 10
 # The guard may keep at most this share of the quantized nodes in float: beyond it the tier
 # is not worth having (it is mostly fp32 with conversion overhead), so it misses its budget.
 MAX_EXCLUDED_FRACTION = 0.5
@@ -46,15 +54,20 @@ class QuantizeOptions:
 
     Attributes:
         precision: One of ``PRECISIONS``.
-        calibration: A folder of .npz/.npy input sets (``--inputs`` layout) or one .npz.
+        calibration: Real data (``data``): a folder of .npz/.npy input sets (``--inputs``
+            layout), one .npz, or .txt files (one sample per line). Split by content hash
+            into calibration/decision data and held-out evaluation data.
+        evaluation: Held-out data given explicitly (then all of ``calibration`` calibrates).
         calibration_method: minmax | entropy | percentile (int8-static).
         per_channel: Per-channel weight scales (int8); raises the opset to 13 when needed.
         symmetric_weights: Symmetric weights (zero point 0); int8 and int4 RTN.
         activation_type: auto (from the CPU's instruction set, see ``isa``) | uint8 | int8.
         exclude_nodes: Node names never quantized.
         exclude_op_types: Op types never quantized (fp16: kept in fp32).
-        max_cosine_drop: Budget: ``1 - mean cosine`` to fp32 on every float output. None:
-            the tier's ``default_cosine_drop`` (quantization/tiers.py).
+        metric: ``metrics.BUILT_IN``, a plug-in ``MODULE:FUNCTION``, or ``auto``.
+        max_drop: Budget on the metric's drop (``1 - similarity``; perplexity: the relative
+            increase; a plug-in: its loss). None: the tier's ``default_drop``
+            (quantization/tiers.py), or ``lm_budget`` for perplexity.
         int4_block_size: MatMulNBits block size (power of two, >= 16).
         int4_algorithm: affine | rtn | hqq | gptq (gptq needs calibration data).
         fp16_keep_io_types: Keep float32 graph inputs/outputs (Casts at the edges).
@@ -63,8 +76,8 @@ class QuantizeOptions:
         quant_format: qdq | qoperator (int8-static).
         device: cpu | cuda: where the model will run; ``auto`` tries fp16 only on cuda.
         latency_rounds: Interleaved rounds per candidate in ``auto``.
-        lm_tokenizer: The ``tokenizer.json`` of a causal LM: the guard then scores
-            perplexity and top-1 agreement on real text (``lm_guard``) instead of cosine.
+        tokenizer: A ``tokenizer.json``: tokenizes text data, and for a causal LM lets the
+            guard score perplexity and top-1 agreement on real text (``lm_guard``).
         lm_budget: The LM guard's budget (perplexity increase, top-1 agreement).
     """
 
@@ -76,7 +89,9 @@ class QuantizeOptions:
     activation_type: str = "auto"
     exclude_nodes: tuple[str, ...] = ()
     exclude_op_types: tuple[str, ...] = ()
-    max_cosine_drop: float | None = None
+    metric: str = METRIC_AUTO
+    max_drop: float | None = None
+    evaluation: Path | None = None
     int4_block_size: int = 32
     int4_algorithm: str = "affine"
     fp16_keep_io_types: bool = True
@@ -85,7 +100,7 @@ class QuantizeOptions:
     quant_format: str = "qdq"
     device: str = "cpu"
     latency_rounds: int = 9
-    lm_tokenizer: Path | None = None
+    tokenizer: Path | None = None
     lm_budget: LmBudget = field(default_factory=LmBudget)
 
     def __post_init__(self) -> None:
@@ -106,8 +121,8 @@ class QuantizeOptions:
                 f"int4 block size must be a power of two >= 16, got {self.int4_block_size}",
             ),
             (
-                self.max_cosine_drop is None or 0 <= self.max_cosine_drop < 1,
-                f"max cosine drop must be in [0, 1), got {self.max_cosine_drop}",
+                self.max_drop is None or 0 <= self.max_drop < 1,
+                f"max drop must be in [0, 1), got {self.max_drop}",
             ),
             (self.quant_format in ("qdq", "qoperator"), "quant format must be qdq or qoperator"),
             (self.device in ("cpu", "cuda"), "device must be cpu or cuda"),
@@ -116,41 +131,71 @@ class QuantizeOptions:
             if not ok:
                 raise ValueError(message)
 
-    def budget(self, tier: tiers.Tier) -> float:
-        if self.max_cosine_drop is not None:
-            return self.max_cosine_drop
-        return tier.default_cosine_drop
+    def budget(self, tier: tiers.Tier, metric: metrics.Metric) -> float:
+        if self.max_drop is not None:
+            return self.max_drop
+        if not metric.from_feeds:
+            return self.lm_budget.max_perplexity_increase
+        return tier.default_drop
+
+    def metric_for(self, inputs: list[str], outputs: list[str]) -> metrics.Metric:
+        """The metric this run is judged by (``auto`` resolved for a model with these input
+        and output names)."""
+        name = self.metric
+        lm_ready = self.tokenizer is not None and has_causal_lm_interface(inputs, outputs)
+        if name == METRIC_AUTO:
+            name = "perplexity" if lm_ready else "cosine"
+        if name == "perplexity" and not lm_ready:
+            raise ValueError(
+                "--metric perplexity needs a causal LM (input_ids and past_* in, logits out) "
+                "with its tokenizer.json beside it or given with --tokenizer"
+            )
+        return metrics.resolve(name)
+
+    def lm_budget_used(self) -> LmBudget:
+        """The LM guard's budget; ``max_drop`` (when given) is its perplexity increase."""
+        if self.max_drop is None:
+            return self.lm_budget
+        return dataclasses.replace(self.lm_budget, max_perplexity_increase=self.max_drop)
 
 
 @dataclass
 class QuantizeResult:
     """What the stage produced and proved.
 
-    ``accuracy`` maps each output to its mean cosine to fp32 (float outputs) or the share of
-    equal elements (integer outputs); ``accuracy_details`` has min cosine and max abs error.
-    ``sensitivity`` is (node, SQNR dB), worst first (empty when the budget held at once).
-    ``candidates`` (auto) has one dict per tier tried: precision, accuracy, within_budget,
-    latency_ratio, noise, verdict.
+    ``metric`` names what ``accuracy`` (flat figures: per output for cosine, else the metric's
+    own) and ``accuracy_details`` measure, on the decision data; ``max_drop`` is the budget
+    on its drop. ``sensitivity`` is (node, measured drop with only that node quantized; None
+    where not measured), worst first, empty when the budget held at once; ``guard_path`` the
+    counts of worst nodes kept float that were tried, with their scores. ``candidates``
+    (auto) has one dict per tier tried: precision, accuracy, within_budget, latency_ratio,
+    noise, verdict. ``data`` says which data served calibration, decisions and evaluation.
     """
 
     model_path: Path
     precision: str
     excluded_nodes: list[str]
-    sensitivity: list[tuple[str, float]]
+    sensitivity: list[tuple[str, float | None]]
     accuracy: dict[str, float]
     notes: list[str]
     candidates: list[dict]
-    max_cosine_drop: float = 0.0
+    metric: str = "cosine"
+    drop: float = 0.0
+    max_drop: float = 0.0
     within_budget: bool = True
     summary: str = ""
-    accuracy_details: dict[str, dict] = field(default_factory=dict)
+    accuracy_details: dict = field(default_factory=dict)
     isa: str = ""
     quantized_nodes: int = 0
+    guard_path: list[dict] = field(default_factory=list)
+    data: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["model_path"] = str(self.model_path)
-        data["sensitivity"] = [[n, round(v, 2)] for n, v in self.sensitivity[:10]]
+        data["sensitivity"] = [
+            [n, None if v is None else round(v, 6)] for n, v in self.sensitivity[:10]
+        ]
         return data
 
 
@@ -161,31 +206,56 @@ def quantize_model(
     *,
     reference_feeds: list[dict[str, np.ndarray]],
     calibration_feeds: list[dict[str, np.ndarray]] | None = None,
+    samples: data.Samples | None = None,
 ) -> QuantizeResult:
     """Lower ``fp32_path`` to ``options.precision`` and write it to ``out_path``.
+
+    ``samples`` gives the data of each role (``data.load``); without it, ``options.calibration``
+    is loaded and split, or else ``calibration_feeds`` calibrate (generated sets when None)
+    and ``reference_feeds`` serve decisions and evaluation.
 
     The result is written even when it misses the budget (``within_budget`` False, and
     ``summary`` says by how much): the caller decides whether that fails the run.
 
     Raises:
         ValueError: an option the model cannot satisfy (gptq without data, opset that cannot
-            be raised).
+            be raised, a metric that does not fit the model).
     """
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     if not reference_feeds:
         raise ValueError("quantize_model needs at least one reference input set")
+    model = onnx.load(str(fp32_path), load_external_data=False)
+    metric = options.metric_for(*_io_names(model))
+    if samples is None:
+        samples = _samples_for(model, fp32_path, options, reference_feeds, calibration_feeds)
     if options.precision == "auto":
-        return _auto(fp32_path, out_path, options, reference_feeds, calibration_feeds)
+        return _auto(fp32_path, out_path, options, metric, samples)
     with tempfile.TemporaryDirectory(prefix="ovo-quant-") as tmp:
         return _quantize_tier(
-            fp32_path,
-            out_path,
-            options,
-            options.precision,
-            reference_feeds,
-            calibration_feeds,
-            Path(tmp),
+            fp32_path, out_path, options, options.precision, metric, samples, Path(tmp)
         )
+
+
+def _io_names(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    return [i.name for i in model.graph.input], [o.name for o in model.graph.output]
+
+
+def _samples_for(model, fp32_path, options, reference_feeds, calibration_feeds) -> data.Samples:
+    if options.calibration is not None:
+        return data.load(
+            model,
+            fp32_path,
+            options.calibration,
+            options.evaluation,
+            options.tokenizer,
+            reference_feeds,
+            causal_lm=is_causal_lm(model),
+        )
+    samples = data.load(model, fp32_path, None, None, None, reference_feeds)
+    if calibration_feeds:
+        samples.calibration, samples.generated = list(calibration_feeds), False
+        samples.roles["calibration"] = f"{len(calibration_feeds)} given input set(s)"
+    return samples
 
 
 def _write(model: onnx.ModelProto, path: Path) -> None:
@@ -253,19 +323,11 @@ def _prepare(model: onnx.ModelProto, tier: tiers.Tier, options: QuantizeOptions,
     return model
 
 
-def _calibration_sources(
-    model: onnx.ModelProto,
-    options: QuantizeOptions,
-    calibration_feeds,
-    notes: list[str],
-) -> list[calibration.Source]:
-    if calibration_feeds:
-        return list(calibration_feeds)
-    if options.calibration is not None:
-        return calibration.load_sources(options.calibration)
-    notes.append(calibration.GENERATED_NOTE)
-    logger.warning(calibration.GENERATED_NOTE)
-    return calibration.generated_sources(model)
+def _calibration_sources(samples: data.Samples, notes: list[str]) -> list[calibration.Source]:
+    if samples.generated or not samples.calibration:
+        notes.append(calibration.GENERATED_NOTE)
+        logger.warning(calibration.GENERATED_NOTE)
+    return list(samples.calibration)
 
 
 def _quantize_tier(
@@ -273,13 +335,13 @@ def _quantize_tier(
     out_path: Path,
     options: QuantizeOptions,
     tier_name: str,
-    reference_feeds,
-    calibration_feeds,
+    metric: metrics.Metric,
+    samples: data.Samples,
     tmp: Path,
 ) -> QuantizeResult:
     notes: list[str] = []
     tier = tiers.TIERS[tier_name]
-    budget = options.budget(tier)
+    budget = options.budget(tier, metric)
     if not tier.lowers:
         model = onnx.load(str(fp32_path))
         _write(model, out_path)
@@ -291,8 +353,10 @@ def _quantize_tier(
             {o.name: 1.0 for o in model.graph.output},
             notes,
             [],
-            max_cosine_drop=0.0,
+            metric=metric.name,
+            max_drop=0.0,
             summary="fp32: unchanged",
+            data=dict(samples.roles),
         )
     original = onnx.load(str(fp32_path))
     model = _prepare(original, tier, options, notes)
@@ -328,44 +392,18 @@ def _quantize_tier(
     cache_path = None
     gptq = tier.weight_only_bits is not None and options.int4_algorithm == "gptq"
     if static or gptq:
-        sources = _calibration_sources(model, options, calibration_feeds, notes)
+        sources = _calibration_sources(samples, notes)
         dtypes = calibration.input_dtypes(model)
 
         def reader_factory(label: str | None = "calibrating") -> calibration.FeedsReader:
             return calibration.FeedsReader(sources, dtypes, label)
 
         if static:
-            cache_dir = options.cache_dir or tmp
-            cache_path = calibration.cache_file(
-                cache_dir,
-                calibration.model_digest(model),
-                options.calibration_method,
-                calibration.digest(sources),
-                ",".join(op_types),
+            cache_path = _calibrate(
+                model, prepared, options, op_types, sources, reader_factory, tmp, notes
             )
-            if cache_path.exists():
-                notes.append(f"calibration ranges from cache {cache_path.name}")
-            else:
-                calib_model = prepared
-                if options.calibration_method in ("entropy", "percentile"):
-                    clamped, names = preprocess.clamp_mask_constants(model)
-                    if names:
-                        calib_model = tmp / "calibration.onnx"
-                        _write(clamped, calib_model)
-                        notes.append(
-                            f"{len(names)} mask constant(s) (+-inf / |x| >= 1e30: "
-                            f"{', '.join(names[:3])}) clamped to +-1e4 for histogram "
-                            "calibration only; the model keeps its constants"
-                        )
-                tiers.calibrate(
-                    calib_model,
-                    cache_path,
-                    reader_factory(),
-                    method=options.calibration_method,
-                    op_types=op_types,
-                )
 
-    counter = iter(range(10_000))
+    counter = iter(range(100_000))
 
     def make(excluded: list[str]) -> Path:
         target = tmp / f"candidate-{next(counter)}.onnx"
@@ -418,11 +456,10 @@ def _quantize_tier(
             raise ValueError(tier.name)
         return target
 
-    evaluator = _evaluator(original, prepared, options, reference_feeds, notes)
+    evaluator = _evaluator(original, prepared, options, metric, samples, notes)
     excluded = list(options.exclude_nodes)
     candidate = make(excluded)
-    accuracy = evaluator.measure(str(candidate))
-    first_accuracy = accuracy
+    score = evaluator.measure(candidate)
     lowered = onnx.load(str(candidate), load_external_data=False)
     if tier.half:
         quantized = [
@@ -435,31 +472,44 @@ def _quantize_tier(
     if tier.weight_only_bits is not None:
         matmuls = sum(1 for n in model.graph.node if n.op_type == "MatMul")
         notes.append(f"int4: {len(quantized)} of {matmuls} MatMul node(s) became MatMulNBits")
-    ranking: list[tuple[str, float]] = []
+    full = exclusions.Point(0, score, candidate)
+    ranking: list[tuple[str, float | None]] = []
     auto_excluded: list[str] = []
-    if not accuracy.within(budget) and quantized:
-        lowered_full = onnx.load(str(candidate)) if static else None
-        ranking = guard.sensitivity(model, lowered_full, quantized, reference_feeds, scheme)
+    path = [full]
+    if not score.within(budget) and quantized:
+
+        def only(node: str) -> float:
+            alone = make(excluded + [n for n in quantized if n != node])
+            return evaluator.measure(alone).drop
+
+        def proxy() -> list[tuple[str, float]]:
+            lowered_full = onnx.load(str(full.path)) if static else None
+            return guard.sensitivity(model, lowered_full, quantized, samples.decision, scheme)
+
+        ranking, how = exclusions.measured_ranking(quantized, only, proxy)
         limit = max(1, int(len(ranking) * MAX_EXCLUDED_FRACTION))
-        schedule = _schedule(min(len(ranking), limit))
-        for count in schedule:
-            auto_excluded = [name for name, _ in ranking[:count]]
-            candidate = make(excluded + auto_excluded)
-            accuracy = evaluator.measure(str(candidate))
-            logger.info("guard: %d node(s) kept float -> %s", count, accuracy.summary(budget))
-            if accuracy.within(budget):
-                break
+
+        def measure(count: int) -> exclusions.Point:
+            names = [name for name, _ in ranking[:count]]
+            built = make(excluded + names)
+            point = exclusions.Point(count, evaluator.measure(built), built)
+            logger.info("guard: %d node(s) kept float -> %s", count, point.score.summary(budget))
+            return point
+
+        chosen, path = exclusions.fewest_within(limit, measure, budget, full)
+        candidate, score = chosen.path, chosen.score
+        auto_excluded = [name for name, _ in ranking[: chosen.kept_float]]
         notes.append(
-            f"accuracy guard: {first_accuracy.summary(budget)} with every node quantized; "
-            f"kept {len(auto_excluded)} of {len(quantized)} quantized node(s) in float "
-            f"(lowest SQNR first) -> {accuracy.summary(budget)}"
+            f"accuracy guard ({metric.name}): {full.score.summary(budget)} with every node "
+            f"quantized; {how}; kept {len(auto_excluded)} of {len(quantized)} quantized "
+            f"node(s) in float (largest measured effect first, fewest within budget) -> "
+            f"{score.summary(budget)}"
         )
-        if not accuracy.within(budget):
+        if not score.within(budget):
             notes.append(
                 f"accuracy guard gave up: keeping more than {MAX_EXCLUDED_FRACTION:.0%} of "
                 "the quantized nodes in float would make the tier pointless"
             )
-    ok = accuracy.within(budget)
     final = onnx.load(str(candidate))
     _write(final, out_path)
     return QuantizeResult(
@@ -467,38 +517,69 @@ def _quantize_tier(
         precision=tier.name,
         excluded_nodes=excluded + auto_excluded,
         sensitivity=ranking,
-        accuracy=accuracy.flat(),
+        accuracy=score.flat(),
         notes=notes,
         candidates=[],
-        max_cosine_drop=budget,
-        within_budget=ok,
-        summary=f"{tier.name}: {accuracy.summary(budget)}",
-        accuracy_details=accuracy.to_dict(),
+        metric=metric.name,
+        drop=score.drop,
+        max_drop=budget,
+        within_budget=score.within(budget),
+        summary=f"{tier.name}: {score.summary(budget)}",
+        accuracy_details=score.to_dict(),
         isa=isa.isa,
         quantized_nodes=len(quantized) - len(auto_excluded),
+        guard_path=[point.to_dict(budget) for point in path],
+        data=dict(samples.roles),
     )
 
 
-def _evaluator(original, prepared: Path, options: QuantizeOptions, reference_feeds, notes):
-    """The LM guard for a causal LM whose tokenizer is known, else the cosine guard."""
-    if options.lm_tokenizer is not None and is_causal_lm(original):
+def _calibrate(model, prepared, options, op_types, sources, reader_factory, tmp, notes) -> Path:
+    """ORT's calibration ranges for the static tier, from the cache when they are there."""
+    cache_path = calibration.cache_file(
+        options.cache_dir or tmp,
+        calibration.model_digest(model),
+        options.calibration_method,
+        calibration.digest(sources),
+        ",".join(op_types),
+    )
+    if cache_path.exists():
+        notes.append(f"calibration ranges from cache {cache_path.name}")
+        return cache_path
+    calib_model = prepared
+    if options.calibration_method in ("entropy", "percentile"):
+        clamped, names = preprocess.clamp_mask_constants(model)
+        if names:
+            calib_model = tmp / "calibration.onnx"
+            _write(clamped, calib_model)
+            notes.append(
+                f"{len(names)} mask constant(s) (+-inf / |x| >= 1e30: "
+                f"{', '.join(names[:3])}) clamped to +-1e4 for histogram "
+                "calibration only; the model keeps its constants"
+            )
+    tiers.calibrate(
+        calib_model,
+        cache_path,
+        reader_factory(),
+        method=options.calibration_method,
+        op_types=op_types,
+    )
+    return cache_path
+
+
+def _evaluator(original, prepared: Path, options, metric: metrics.Metric, samples, notes):
+    """The LM guard for ``perplexity``, else the metric over the decision data."""
+    if not metric.from_feeds:
+        text = samples.text[0] if samples.text else None
         notes.append(
-            "LM guard: perplexity and top-1 agreement against the fp32 model on the bundled "
-            "calibration text decide; the evaluation text (never seen by a decision) is "
-            "reported in the final check"
+            "LM guard: perplexity and top-1 agreement against the fp32 model on "
+            + ("the user's calibration text" if text else "the bundled calibration text")
+            + " decide; the evaluation text (never seen by a decision) is reported in the "
+            "final check"
         )
-        return LmEvaluator(prepared, options.lm_tokenizer, options.lm_budget, "calibration")
-    return guard.Evaluator(str(prepared), reference_feeds)
-
-
-def _schedule(total: int) -> list[int]:
-    """How many of the worst nodes to keep float at each guard round: 1, 2, 3, 5, 8, ..."""
-    counts, count = [], 1
-    while count < total and len(counts) < MAX_GUARD_ROUNDS - 1:
-        counts.append(count)
-        count = max(count + 1, int(count * 1.6))
-    counts.append(total)
-    return counts
+        return LmEvaluator(
+            prepared, options.tokenizer, options.lm_budget_used(), "calibration", text
+        )
+    return metrics.Evaluator(prepared, samples.decision, metric)
 
 
 def _auto_tiers(options: QuantizeOptions, calibrated: bool) -> list[tuple[str, QuantizeOptions]]:
@@ -518,25 +599,32 @@ def _auto_tiers(options: QuantizeOptions, calibrated: bool) -> list[tuple[str, Q
     return tried
 
 
-def _auto(fp32_path, out_path, options, reference_feeds, calibration_feeds) -> QuantizeResult:
-    """Try each tier that fits the device; keep the fastest within budget (fp32 otherwise).
+def _auto(fp32_path, out_path, options, metric, samples: data.Samples) -> QuantizeResult:
+    """Build each tier that fits the device; keep the fastest within budget (fp32 otherwise).
 
     Every candidate that could be built is measured twice against fp32: accuracy on the
-    reference inputs (with its own budget and the guard) and latency, interleaved with fp32
-    (``compare_latency``). ``candidates`` records for each: precision, accuracy,
-    within_budget, latency_ratio (candidate / fp32 time), noise and verdict ("faster",
-    "same", "slower", or "over budget" / "failed"); the fp32 baseline is listed first with
-    ratio 1.0. The chosen model is the within-budget candidate with the lowest latency ratio
-    among those measured "faster" (faster beyond the measurement noise); fp32 when none is.
-    The chosen entry has ``chosen: True``.
+    decision data (with its own guard, so each tier reaches the budget with the fewest
+    float nodes it can) and latency, interleaved with fp32 (``compare_latency``) on the
+    first decision input set. ``candidates`` records for each: precision, accuracy,
+    within_budget, kept_float, latency_ratio (candidate / fp32 time), noise and verdict
+    ("faster", "same", "slower", or "over budget" / "failed"); the fp32 baseline is listed
+    first with ratio 1.0. The chosen model is the within-budget candidate with the lowest
+    latency ratio among those measured "faster" (faster beyond the measurement noise); fp32
+    when none is. The chosen entry has ``chosen: True``.
     """
     import onnx_ir as ir
 
     from pipeline.runtime.timing import compare_latency
 
-    calibrated = bool(calibration_feeds) or options.calibration is not None
+    calibrated = not samples.generated
     tried = _auto_tiers(options, calibrated)
     notes = [] if calibrated else ["auto: int8-static not tried (no calibration data)"]
+    timing_feeds = samples.decision[0] if samples.decision else None
+    shape = (
+        ", ".join(f"{k} {'x'.join(map(str, np.shape(v)))}" for k, v in timing_feeds.items())
+        if timing_feeds
+        else "n/a"
+    )
     candidates: list[dict] = [
         {"precision": "fp32", "within_budget": True, "latency_ratio": 1.0, "verdict": "baseline"}
     ]
@@ -550,28 +638,24 @@ def _auto(fp32_path, out_path, options, reference_feeds, calibration_feeds) -> Q
             entry: dict = {"precision": label}
             try:
                 result = _quantize_tier(
-                    fp32_path,
-                    path,
-                    tier_options,
-                    tier_options.precision,
-                    reference_feeds,
-                    calibration_feeds,
-                    work,
+                    fp32_path, path, tier_options, tier_options.precision, metric, samples, work
                 )
                 entry.update(
                     accuracy=result.accuracy,
                     within_budget=result.within_budget,
-                    max_cosine_drop=result.max_cosine_drop,
-                    excluded_nodes=len(result.excluded_nodes),
+                    drop=result.drop,
+                    max_drop=result.max_drop,
+                    kept_float=len(result.excluded_nodes),
                     quantized_nodes=result.quantized_nodes,
                     summary=result.summary,
+                    guard_path=result.guard_path,
                 )
                 if result.quantized_nodes == 0:
                     entry.update(verdict="nothing quantized")
                     candidates.append(entry)
                     continue
                 latency = compare_latency(
-                    fp32_ir, ir.load(path), reference_feeds[0], rounds=options.latency_rounds
+                    fp32_ir, ir.load(path), timing_feeds, rounds=options.latency_rounds
                 )
             except Exception as exc:  # a tier that cannot be built is a candidate that lost
                 entry.update(verdict="failed", reason=" ".join(str(exc).split())[:300])
@@ -590,7 +674,7 @@ def _auto(fp32_path, out_path, options, reference_feeds, calibration_feeds) -> Q
             candidates.append(entry)
         if best is None:
             chosen = _quantize_tier(
-                fp32_path, out_path, options, "fp32", reference_feeds, None, Path(tmp_root)
+                fp32_path, out_path, options, "fp32", metric, samples, Path(tmp_root)
             )
             chosen.notes.append("auto: no candidate was both within budget and faster; fp32 kept")
             candidates[0]["chosen"] = True
@@ -600,6 +684,7 @@ def _auto(fp32_path, out_path, options, reference_feeds, calibration_feeds) -> Q
             chosen.model_path = out_path
             chosen.notes.append(f"auto: chose {entry['precision']} ({ratio:.2f}x fp32 latency)")
             entry["chosen"] = True
+    notes.append(f"auto: latency measured on {shape} (the first decision input set)")
     chosen.notes[:0] = notes
     chosen.candidates = candidates
     return chosen
@@ -608,13 +693,18 @@ def _auto(fp32_path, out_path, options, reference_feeds, calibration_feeds) -> Q
 def run_stage(
     optimized, options: QuantizeOptions, sets: list[dict], reference: list[dict] | None
 ) -> tuple[object, dict]:
-    """The pipeline's quantize stage: lower the verified fp32 model, check it against the
-    ORIGINAL model's reference outputs with the tier's cosine budget.
+    """The pipeline's quantize stage: lower the verified fp32 model, then the final check.
+
+    Decisions use the decision data (``data``: the user's calibration split, or the
+    verification sets when no data is given). The final check scores the lowered model on
+    the evaluation data, which no decision saw: against the verified fp32 model on the
+    held-out split when the user gave data (the LM guard's evaluation text for perplexity),
+    else against the ORIGINAL model's reference outputs on the verification sets.
 
     Args:
         optimized: The fp32 ``onnx_ir.Model`` after the verified graph passes.
         options: The quantization options (precision != fp32).
-        sets: The verification input sets (also the guard's reference feeds).
+        sets: The verification input sets.
         reference: The original model's outputs on ``sets``.
 
     Returns:
@@ -639,8 +729,13 @@ def run_stage(
         fp32_path = Path(tmp) / "fp32.onnx"
         out_path = Path(tmp) / "quantized.onnx"
         ir.save(optimized, fp32_path)
+        fp32 = onnx.load(str(fp32_path), load_external_data=False)
         try:
-            result = quantize_model(fp32_path, out_path, options, reference_feeds=sets)
+            metric = options.metric_for(*_io_names(fp32))
+            samples = _samples_for(fp32, fp32_path, options, sets, None)
+            result = quantize_model(
+                fp32_path, out_path, options, reference_feeds=sets, samples=samples
+            )
         except ValueError as exc:
             raise UserError(f"quantize {options.precision}: {exc}") from exc
         section = result.to_dict()
@@ -651,26 +746,42 @@ def run_stage(
             for value in graph.initializers.values():
                 if value.const_value is not None and not isinstance(value.const_value, ir.Tensor):
                     value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
-        sess = guard.session(str(out_path), "all")
-        outputs = [guard.run(sess, feeds) for feeds in sets]
-        budget = result.max_cosine_drop
-        if options.lm_tokenizer is not None and is_causal_lm(
-            onnx.load(str(fp32_path), load_external_data=False)
-        ):
-            held_out = LmEvaluator(fp32_path, options.lm_tokenizer, options.lm_budget, "evaluation")
-            final = held_out.measure(out_path)
-            against = "the verified fp32 model on held-out text (LM guard)"
-        else:
-            final = guard.accuracy_of(reference, outputs, sets)
-            against = "original model (reference outputs)"
+        budget = result.max_drop
+        final, against = _final_check(
+            fp32_path, out_path, options, metric, samples, sets, reference
+        )
     section["final_check"] = {
         "against": against,
-        "max_cosine_drop": budget,
+        "metric": metric.name,
+        "max_drop": budget,
         "passed": final.within(budget),
         "summary": final.summary(budget),
         "outputs": final.to_dict(),
     }
     return lowered, section
+
+
+def _final_check(fp32_path, out_path, options, metric, samples: data.Samples, sets, reference):
+    """(score, what it was measured against) on the evaluation data."""
+    if not metric.from_feeds:
+        text = samples.text[1] if samples.text else None
+        held_out = LmEvaluator(
+            fp32_path, options.tokenizer, options.lm_budget_used(), "evaluation", text
+        )
+        return held_out.measure(out_path), (
+            "the verified fp32 model on held-out text (LM guard: "
+            + ("the user's evaluation split)" if text else "the bundled evaluation text)")
+        )
+    if samples.held_out:
+        score = metrics.Evaluator(fp32_path, samples.evaluation, metric).measure(out_path)
+        return (
+            score,
+            "the verified fp32 model on the held-out evaluation data "
+            f"({samples.roles['evaluation']})",
+        )
+    sess = guard.session(str(out_path), "all")
+    outputs = [guard.run(sess, feeds) for feeds in sets]
+    return metric.score(reference, outputs, sets), "original model (reference outputs)"
 
 
 def stage_failure(section: dict) -> str | None:

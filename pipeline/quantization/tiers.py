@@ -47,7 +47,7 @@ class Tier:
     """
 
     name: str
-    default_cosine_drop: float  # the budget when the user gives none: what it usually keeps
+    default_drop: float  # the budget on the metric's drop when the user gives none
     lowers: bool = True  # fp32 is the tier that changes nothing
     int8: bool = False  # int8 types from the CPU's ISA, opset raised, shapes inferred
     calibrated: bool = False  # static activation ranges: needs calibration data
