@@ -228,6 +228,11 @@ def quantize_model(
     metric = options.metric_for(*_io_names(model))
     if samples is None:
         samples = _samples_for(model, fp32_path, options, reference_feeds, calibration_feeds)
+    if not metric.from_feeds and samples.text is None:
+        samples.roles.update(
+            decision="the bundled calibration text (Python reference manual topics)",
+            evaluation="the bundled evaluation text (held-out topics)",
+        )
     if options.precision == "auto":
         return _auto(fp32_path, out_path, options, metric, samples)
     with tempfile.TemporaryDirectory(prefix="ovo-quant-") as tmp:
