@@ -338,6 +338,13 @@ def optimize(
     exclude_nodes: Annotated[
         str | None, typer.Option(help="Comma-separated node names never quantized.")
     ] = None,
+    smooth_alpha: Annotated[
+        float | None,
+        typer.Option(
+            help="int8: SmoothQuant strength in (0, 1), e.g. 0.5 (needs --calibration); auto "
+            "tries 0.5 by itself."
+        ),
+    ] = None,
     int4_block_size: Annotated[int, typer.Option(help="int4 MatMulNBits block size.")] = 32,
     int4_algorithm: Annotated[
         str,
@@ -421,6 +428,7 @@ def optimize(
                 exclude_nodes=tuple(_split(exclude_nodes) or ()),
                 int4_block_size=int4_block_size,
                 int4_algorithm=int4_algorithm,
+                smooth_alpha=smooth_alpha,
                 lm_budget=(max_perplexity_increase, min_top1),
             ),
         )
