@@ -175,21 +175,23 @@ def _candidates(report: Report) -> Table | None:
         f"{section.get('max_drop', 0):.4g} on the drop)",
         header_style="bold",
     )
-    for column in ("candidate", "kept float", "accuracy", "drop", "latency", "verdict"):
-        table.add_column(column, justify="left" if column in ("candidate", "verdict") else "right")
+    for column in ("candidate", "float", "accuracy", "latency", "verdict"):
+        table.add_column(column, no_wrap=True)
     for row in rows:
-        latency, noise, drop = row.get("latency_ratio"), row.get("noise"), row.get("drop")
-        figures = ", ".join(f"{k} {v:.4f}" for k, v in (row.get("accuracy") or {}).items())
+        latency, noise = row.get("latency_ratio"), row.get("noise")
+        values = list((row.get("accuracy") or {}).values())
+        figures = " / ".join([f"{v:.4f}" for v in values[:1]] + [f"{v:.3f}" for v in values[1:]])
         table.add_row(
-            row["precision"] + (" (chosen)" if row.get("chosen") else ""),
+            row["precision"] + (" *" if row.get("chosen") else ""),
             "" if row.get("kept_float") is None else str(row["kept_float"]),
             figures if row["precision"] != "fp32" else "",
-            "" if drop is None else f"{drop:.4f}",
-            "" if latency is None else f"{latency:.2f}x" + (f" ±{noise:.2f}" if noise else ""),
+            "" if latency is None else f"{latency:.2f}x" + (f"±{noise:.2f}" if noise else ""),
             row.get("verdict", ""),
         )
     table.caption = (
-        "accuracy on the decision data; latency = candidate time / fp32 time (< 1 is faster)"
+        "* chosen. float: nodes kept float by the guard. accuracy (decision data): "
+        + " / ".join((next((r["accuracy"] for r in rows if r.get("accuracy")), {}) or {}).keys())
+        + "; latency = candidate time / fp32 time (< 1 is faster)"
     )
     return table
 

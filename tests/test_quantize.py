@@ -1020,3 +1020,19 @@ def test_cli_metric_and_data_mistakes_exit_2_before_any_work(tmp_path, extra, me
     assert done.returncode == 2, done.stdout + done.stderr
     assert message in " ".join((done.stdout + done.stderr).split())
     assert not out.exists()
+
+
+def test_cli_auto_prints_the_candidates_it_measured_and_reports_the_front(tmp_path):
+    src = mlp(tmp_path / "mlp.onnx", hidden=256)
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    done = _cli(src, "-o", out, "--report", report, "--precision", "auto", "--no-speed-check")
+    assert done.returncode == 0, done.stderr
+    text = done.stdout + done.stderr
+    assert "auto: candidates measured (cosine" in text
+    section = json.loads(report.read_text())["quantization"]
+    labels = [c["precision"] for c in section["candidates"]]
+    for label in labels:
+        assert label in text
+    built = [c for c in section["candidates"][1:] if c["verdict"] != "failed"]
+    assert built and all("guard_path" in c and "latency_ratio" in c for c in built)
+    assert sum(1 for c in section["candidates"] if c.get("chosen")) == 1
