@@ -94,7 +94,7 @@ def _quantize_options(provider: str, **fields):
     except ValueError as exc:
         raise UserError(f"--precision options: {exc}") from exc
     if options.metric != METRIC_AUTO:
-        metrics.resolve(options.metric)
+        metrics.resolve(options.metric, options.min_neighbour_agreement)
     for flag, path in (
         ("--calibration", options.calibration),
         ("--evaluation", options.evaluation),
@@ -340,6 +340,13 @@ def optimize(
     exclude_nodes: Annotated[
         str | None, typer.Option(help="Comma-separated node names never quantized.")
     ] = None,
+    min_neighbour_agreement: Annotated[
+        float,
+        typer.Option(
+            help="--metric pooled-cosine: share of samples whose nearest other sample must "
+            "stay the same (0 turns it off)."
+        ),
+    ] = 0.95,
     smooth_alpha: Annotated[
         float | None,
         typer.Option(
@@ -431,6 +438,7 @@ def optimize(
                 int4_block_size=int4_block_size,
                 int4_algorithm=int4_algorithm,
                 smooth_alpha=smooth_alpha,
+                min_neighbour_agreement=min_neighbour_agreement,
                 lm_budget=(max_perplexity_increase, min_top1),
             ),
         )

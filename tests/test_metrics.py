@@ -166,3 +166,22 @@ def test_a_plugin_metric_from_a_module_or_a_file_returns_a_loss(tmp_path, monkey
 def test_a_bad_metric_name_is_a_usage_error(spec, message):
     with pytest.raises(UserError, match=message):
         metrics.resolve(spec)
+
+
+def test_pooled_cosine_also_holds_nearest_neighbour_agreement_to_its_floor():
+    pairs = RNG.standard_normal((12, 16))
+    reference = np.repeat(pairs, 2, axis=0) + RNG.standard_normal((24, 16)) * 0.05  # 12 pairs
+    moved = reference.copy()
+    moved[0], moved[2] = reference[2], reference[0]  # two samples trade places: 4 flips
+    feeds = [{"x": np.zeros((24, 1), np.float32)}]
+    ref_out, cand_out = [{"e": reference}], [{"e": moved}]
+    score = metrics.resolve("pooled-cosine").score(ref_out, cand_out, feeds)
+    assert score.values["nn_agreement"] < 0.95 and score.value > 0.5
+    assert not score.within(1.0)  # no cosine budget excuses the flips
+    assert "nearest-neighbour agreement" in score.summary(1.0)
+    relaxed = metrics.resolve("pooled-cosine", min_neighbour_agreement=0.5)
+    assert relaxed.score(ref_out, cand_out, feeds).within(1.0)
+    few = metrics.resolve("pooled-cosine").score(
+        [{"e": reference[:8]}], [{"e": moved[:8]}], [{"x": np.zeros((8, 1))}]
+    )
+    assert few.failure is None  # 8 samples cannot tell a flip from noise

@@ -10,8 +10,10 @@ budget. So the metric is named (``--metric``):
   the worst output decides). The default, and the strictest general-purpose choice.
 - ``pooled-cosine``: sentence embeddings, i.e. the first float output ``[batch, seq, hidden]``
   mean-pooled over the attention mask (an output that is already ``[batch, hidden]`` is taken
-  as it is), cosine per sample. The details add nearest-neighbour agreement (is each sample's
-  most similar other sample unchanged), which retrieval users feel.
+  as it is), cosine per sample. A mean cosine hides rank flips, which retrieval users feel, so
+  nearest-neighbour agreement (is each sample's most similar other sample unchanged) must
+  also reach ``min_neighbour_agreement`` (default 0.95, over at least ``MIN_NEIGHBOUR_SAMPLES``
+  samples; fewer cannot tell one flip from noise), as the LM guard pairs perplexity with top-1.
 - ``top1``: argmax agreement of a logits output (``logits`` when named so, else the first
   float output of rank >= 2) over the positions the mask keeps.
 - ``perplexity``: causal LMs scored on real text (``lm_guard``: perplexity ratio and top-1
@@ -27,6 +29,7 @@ Every metric yields a ``Score`` whose ``drop`` the budget bounds (``--max-drop``
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import math
@@ -43,6 +46,8 @@ Feeds = dict[str, np.ndarray]
 Outputs = Mapping[str, object]
 BUILT_IN = ("cosine", "pooled-cosine", "top1", "perplexity")
 TOLERANCE = 1e-12
+MIN_NEIGHBOUR_AGREEMENT = 0.95
+MIN_NEIGHBOUR_SAMPLES = 20
 
 
 @dataclass(frozen=True)
@@ -185,8 +190,11 @@ def _embeddings(outputs: Sequence[Outputs], feeds: Sequence[Mapping], name: str)
     return np.concatenate(rows)
 
 
-def pooled_cosine(reference, candidate, feeds) -> Score:
-    """Cosine of mean-pooled sentence embeddings, per sample (see the module docstring)."""
+def pooled_cosine(
+    reference, candidate, feeds, min_neighbour_agreement: float = MIN_NEIGHBOUR_AGREEMENT
+) -> Score:
+    """Cosine of mean-pooled sentence embeddings, per sample, with nearest-neighbour agreement
+    held to ``min_neighbour_agreement`` (see the module docstring)."""
     name = _embedding_output(reference[0], _mask(feeds[0]))
     ref = _embeddings(reference, feeds, name)
     cand = _embeddings(candidate, feeds, name)
@@ -195,19 +203,24 @@ def pooled_cosine(reference, candidate, feeds) -> Score:
     cosines = cosine_rows(np.nan_to_num(ref), np.nan_to_num(cand))
     cosines = np.where(np.isfinite(cand).all(axis=1), cosines, 0.0)
     details = {"samples": len(cosines), "min_pooled_cosine": float(cosines.min())}
+    values = {"pooled_cosine": float(cosines.mean())}
+    failure = None
     if len(ref) >= 3:
-        details["nn_agreement"] = nn_agreement(ref, cand)
-    mean = float(cosines.mean())
+        values["nn_agreement"] = details["nn_agreement"] = nn_agreement(ref, cand)
+    if len(ref) >= MIN_NEIGHBOUR_SAMPLES and values["nn_agreement"] < min_neighbour_agreement:
+        failure = (
+            f"nearest-neighbour agreement {values['nn_agreement']:.3f} < "
+            f"{min_neighbour_agreement:.3f} over {len(ref)} samples (mean pooled cosine "
+            f"{values['pooled_cosine']:.4f})"
+        )
     return Score(
         "pooled-cosine",
         "mean pooled cosine",
-        mean,
+        values["pooled_cosine"],
         where=f" on '{name}' ({len(cosines)} samples)",
-        values={
-            "pooled_cosine": mean,
-            **({"nn_agreement": details["nn_agreement"]} if "nn_agreement" in details else {}),
-        },
+        values=values,
         details=details,
+        failure=failure,
     )
 
 
@@ -306,10 +319,16 @@ class Metric:
         return Score(self.name, "loss", loss, similarity=False, values={"loss": loss})
 
 
-def resolve(spec: str) -> Metric:
+def resolve(spec: str, min_neighbour_agreement: float = MIN_NEIGHBOUR_AGREEMENT) -> Metric:
     """The metric named by ``--metric`` (a built-in or a plug-in, imported now so a bad name
     stops the run before any work)."""
-    functions = {"cosine": cosine, "pooled-cosine": pooled_cosine, "top1": top1}
+    functions = {
+        "cosine": cosine,
+        "pooled-cosine": functools.partial(
+            pooled_cosine, min_neighbour_agreement=min_neighbour_agreement
+        ),
+        "top1": top1,
+    }
     if spec == "perplexity":
         return Metric(spec, None)
     if spec in functions:

@@ -74,6 +74,7 @@ class QuantizeOptions:
         exclude_nodes: Node names never quantized.
         exclude_op_types: Op types never quantized (fp16: kept in fp32).
         metric: ``metrics.BUILT_IN``, a plug-in ``MODULE:FUNCTION``, or ``auto``.
+        min_neighbour_agreement: pooled-cosine's floor on nearest-neighbour agreement.
         max_drop: Budget on the metric's drop (``1 - similarity``; perplexity: the relative
             increase; a plug-in: its loss). None: the tier's ``default_drop``
             (quantization/tiers.py), or ``lm_budget`` for perplexity.
@@ -103,6 +104,7 @@ class QuantizeOptions:
     metric: str = METRIC_AUTO
     max_drop: float | None = None
     evaluation: Path | None = None
+    min_neighbour_agreement: float = metrics.MIN_NEIGHBOUR_AGREEMENT
     smooth_alpha: float | None = None
     int4_block_size: int = 32
     int4_algorithm: str = "affine"
@@ -138,6 +140,10 @@ class QuantizeOptions:
             ),
             (self.quant_format in ("qdq", "qoperator"), "quant format must be qdq or qoperator"),
             (
+                0 <= self.min_neighbour_agreement <= 1,
+                f"min neighbour agreement must be in [0, 1], got {self.min_neighbour_agreement}",
+            ),
+            (
                 self.smooth_alpha is None or 0 < self.smooth_alpha < 1,
                 f"smooth alpha must be in (0, 1), got {self.smooth_alpha}",
             ),
@@ -166,7 +172,7 @@ class QuantizeOptions:
                 "--metric perplexity needs a causal LM (input_ids and past_* in, logits out) "
                 "with its tokenizer.json beside it or given with --tokenizer"
             )
-        return metrics.resolve(name)
+        return metrics.resolve(name, self.min_neighbour_agreement)
 
     def lm_budget_used(self) -> LmBudget:
         """The LM guard's budget; ``max_drop`` (when given) is its perplexity increase."""
