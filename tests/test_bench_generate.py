@@ -79,3 +79,24 @@ g (int64[1, 2] input_ids) => (int64[1, 2] logits) { logits = Identity(input_ids)
     )
     assert gen.main([str(model), str(model), "--rounds", "3"]) == 2
     assert "no past_key_values" in capsys.readouterr().err
+
+
+def test_pytorch_row_decodes_the_exports_tokens(tiny_llm, tmp_path, capsys):
+    """pipeline/bench/generate_torch.py: the tiny SmolLM2 in PyTorch (the weights the tiny
+    export was made from) decodes the export's greedy tokens, and its row has the columns."""
+    from pipeline.bench import generate_torch
+
+    session = create_session(ir.load(tiny_llm))
+    prompt = gen.prompt_ids(session, batch=2, length=5)
+    want = gen.generate(session, prompt, new_tokens=4)
+    got = generate_torch.generate_torch(generate_torch.load_model(tiny=True), prompt, 4)
+    assert np.array_equal(got.ids, want.ids) and got.decode_steps == 3
+    out = tmp_path / "torch.json"
+    argv = [str(tiny_llm), "--tiny", "--threads", "1", "--batches", "1"]
+    argv += ["--prompt", "4", "--new-tokens", "3", "--rounds", "3", "--json", str(out)]
+    assert generate_torch.main(argv) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["same_tokens"] is True
+    assert row["pytorch"]["peak_rss_bytes"] > row["export"]["peak_rss_bytes"] > 10 * 2**20
+    assert row["pytorch"]["decode_tokens_per_s"] > 0 and row["pytorch"]["ttft_ms"] > 0
+    assert "PyTorch" in capsys.readouterr().out
