@@ -100,3 +100,37 @@ def test_a_strict_lm_budget_fails_the_run(tiny_lm, tmp_path):
     )
     assert done.returncode == 1, done.stdout + done.stderr
     assert "outside the LM budget" in done.stdout + done.stderr
+
+
+def test_the_users_text_is_split_into_decision_and_held_out_lines(tiny_lm, tmp_path):
+    text = tmp_path / "text"
+    text.mkdir()
+    lines = [line for line in lm_quality.bundled_text("evaluation").splitlines() if line.strip()]
+    (text / "prose.txt").write_text("\n".join(lines[:600]))
+    report = tmp_path / "r.json"
+    done = run_cli(
+        tiny_lm,
+        "-o",
+        tmp_path / "q.onnx",
+        "--report",
+        report,
+        "--no-speed-check",
+        "--precision",
+        "int4",
+        "--metric",
+        "perplexity",
+        "--calibration",
+        text,
+        "--max-perplexity-increase",
+        "9",
+        "--min-top1",
+        "0",
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    section = json.loads(report.read_text())["quantization"]
+    assert section["metric"] == "perplexity"
+    assert "line(s) of text" in section["data"]["calibration"]
+    assert "held-out line(s)" in section["data"]["evaluation"]
+    assert "the user's evaluation split" in section["final_check"]["against"]
+    assert any("the user's calibration text" in note for note in section["notes"])

@@ -157,7 +157,8 @@ def load(
     fallback: list[Feeds],
     causal_lm: bool = False,
 ) -> Samples:
-    """The samples for each role (see the module docstring).
+    """The samples for each role (see the module docstring). ``causal_lm``: text is for the
+    LM guard (perplexity), not tokenized into input sets.
 
     ``fallback`` (the verification sets) serves decision and evaluation when no data is
     given, and calibration gets generated sets (``generated`` True).
@@ -179,7 +180,7 @@ def load(
     lines = _text_lines(Path(calibration_dir))
     if lines is not None:
         if causal_lm:
-            return _lm_text(lines, calibration_dir, evaluation_dir)
+            return _lm_text(lines, calibration_dir, evaluation_dir, fallback)
         tokenizer_path = find_tokenizer(model_path, Path(calibration_dir), tokenizer)
         return _text_samples(model, lines, calibration_dir, evaluation_dir, tokenizer_path)
     sources = calibration.load_sources(Path(calibration_dir))
@@ -255,8 +256,9 @@ def _text_samples(model, lines, calibration_dir, evaluation_dir, tokenizer_path)
     return samples
 
 
-def _lm_text(lines, calibration_dir, evaluation_dir) -> Samples:
-    """A causal LM's text, split by line; the LM guard tokenizes and windows it."""
+def _lm_text(lines, calibration_dir, evaluation_dir, fallback) -> Samples:
+    """A causal LM's text, split by line; the LM guard tokenizes and windows it. The
+    verification sets stay the input sets (``auto`` times candidates on them)."""
     if evaluation_dir is not None:
         held = _text_lines(Path(evaluation_dir)) or []
         seen = set(lines)
@@ -267,8 +269,8 @@ def _lm_text(lines, calibration_dir, evaluation_dir) -> Samples:
         raise UserError(f"--calibration {calibration_dir}: too little text to hold any out")
     return Samples(
         [],
-        [],
-        [],
+        list(fallback),
+        list(fallback),
         roles={
             "calibration": f"--calibration {calibration_dir}: {len(keep)} line(s) of text",
             "decision": "the calibration text (perplexity and top-1 agreement)",

@@ -249,7 +249,9 @@ def quantize_model(
     model = onnx.load(str(fp32_path), load_external_data=False)
     metric = options.metric_for(*_io_names(model))
     if samples is None:
-        samples = _samples_for(model, fp32_path, options, reference_feeds, calibration_feeds)
+        samples = _samples_for(
+            model, fp32_path, options, metric, reference_feeds, calibration_feeds
+        )
     if not metric.from_feeds and samples.text is None:
         samples.roles.update(
             decision="the bundled calibration text (Python reference manual topics)",
@@ -267,7 +269,9 @@ def _io_names(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     return [i.name for i in model.graph.input], [o.name for o in model.graph.output]
 
 
-def _samples_for(model, fp32_path, options, reference_feeds, calibration_feeds) -> data.Samples:
+def _samples_for(
+    model, fp32_path, options, metric, reference_feeds, calibration_feeds
+) -> data.Samples:
     if options.calibration is not None:
         return data.load(
             model,
@@ -276,7 +280,7 @@ def _samples_for(model, fp32_path, options, reference_feeds, calibration_feeds) 
             options.evaluation,
             options.tokenizer,
             reference_feeds,
-            causal_lm=is_causal_lm(model),
+            causal_lm=is_causal_lm(model) and not metric.from_feeds,
         )
     samples = data.load(model, fp32_path, None, None, None, reference_feeds)
     if calibration_feeds:
@@ -787,7 +791,7 @@ def run_stage(
         fp32 = onnx.load(str(fp32_path), load_external_data=False)
         try:
             metric = options.metric_for(*_io_names(fp32))
-            samples = _samples_for(fp32, fp32_path, options, sets, None)
+            samples = _samples_for(fp32, fp32_path, options, metric, sets, None)
             result = quantize_model(
                 fp32_path, out_path, options, reference_feeds=sets, samples=samples
             )
