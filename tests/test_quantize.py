@@ -1036,3 +1036,55 @@ def test_cli_auto_prints_the_candidates_it_measured_and_reports_the_front(tmp_pa
     built = [c for c in section["candidates"][1:] if c["verdict"] != "failed"]
     assert built and all("guard_path" in c and "latency_ratio" in c for c in built)
     assert sum(1 for c in section["candidates"] if c.get("chosen")) == 1
+
+
+def attention_model(path: Path) -> Path:
+    """x -> com.microsoft Attention (packed Q/K/V weight, raw 2D mask) -> MatMul -> y."""
+    nodes = [
+        helper.make_node(
+            "Attention",
+            ["x", "qkv", "qkv_bias", "mask"],
+            ["a"],
+            domain="com.microsoft",
+            num_heads=4,
+            name="attention",
+        ),
+        helper.make_node("MatMul", ["a", "w_out"], ["y"], name="out"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "attention",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 64]),
+            helper.make_tensor_value_info("mask", TensorProto.INT32, ["batch", "seq"]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 64])],
+        [
+            _weight("qkv", (64, 192), 0.2),
+            numpy_helper.from_array(np.zeros(192, np.float32), "qkv_bias"),
+            _weight("w_out", (64, 64), 0.2),
+        ],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    model.ir_version = 9
+    onnx.save(model, path)
+    return path
+
+
+def test_dynamic_int8_quantizes_the_fused_attention_weight(tmp_path):
+    src = attention_model(tmp_path / "att.onnx")
+    rng = np.random.default_rng(2)
+    mask = np.ones((2, 6), np.int32)
+    mask[1, 4:] = 0  # right padding: QAttention must honour the raw mask
+    data = [{"x": rng.standard_normal((2, 6, 64)).astype(np.float32), "mask": mask}]
+    result = quantize_model(
+        src,
+        tmp_path / "q.onnx",
+        QuantizeOptions("int8-dynamic", max_drop=0.02),
+        reference_feeds=data,
+    )
+    found = ops(tmp_path / "q.onnx")
+    assert found["QAttention"] == 1 and found["Attention"] == 0, found
+    assert result.quantized_nodes == 2 and result.within_budget, result.summary

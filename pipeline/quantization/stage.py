@@ -441,6 +441,11 @@ def _quantize_tier(
     def make(excluded: list[str]) -> Path:
         target = tmp / f"candidate-{next(counter)}.onnx"
         if tier.int8 and not tier.calibrated:
+            standard_attention = [
+                n.name
+                for n in model.graph.node
+                if n.op_type == "Attention" and not tiers.is_contrib_attention(n)
+            ]
             tiers.int8_dynamic(
                 prepared,
                 target,
@@ -448,7 +453,7 @@ def _quantize_tier(
                 per_channel=options.per_channel,
                 reduce_range=reduce_range,
                 symmetric_weights=options.symmetric_weights,
-                exclude_nodes=excluded,
+                exclude_nodes=excluded + standard_attention,
             )
         elif tier.calibrated:
             tiers.int8_static(
@@ -491,8 +496,19 @@ def _quantize_tier(
 
     evaluator = _evaluator(original, prepared, options, metric, samples, notes)
     excluded = list(options.exclude_nodes)
-    candidate = make(excluded)
-    score = evaluator.measure(candidate)
+    try:
+        candidate = make(excluded)
+        score = evaluator.measure(candidate)
+    except Exception as exc:  # ORT's QAttention takes fewer mask forms than Attention
+        if "Attention" not in op_types:
+            raise
+        op_types.remove("Attention")
+        notes.append(
+            "fused Attention kept float: its QAttention could not be built or run here "
+            f"({' '.join(str(exc).split())[:160]})"
+        )
+        candidate = make(excluded)
+        score = evaluator.measure(candidate)
     lowered = onnx.load(str(candidate), load_external_data=False)
     if tier.half:
         quantized = [

@@ -107,9 +107,15 @@ def default_op_types(model: onnx.ModelProto, static: bool, exclude: Sequence[str
     types = {n.op_type for n in model.graph.node}
     if static and "Softmax" not in types and "Conv" in types:
         ops += CNN_EXTRA_OPS
-    if not static and "Attention" in types:
+    if not static and any(is_contrib_attention(n) for n in model.graph.node):
         ops.append("Attention")
     return [op for op in ops if op not in set(exclude)]
+
+
+def is_contrib_attention(node: onnx.NodeProto) -> bool:
+    """ORT's fused ``com.microsoft`` Attention (not ONNX's own Attention-23, which has no
+    weights inside and which ORT's quantizer must not take for it)."""
+    return node.op_type == "Attention" and node.domain == "com.microsoft"
 
 
 def activation_matmuls(model: onnx.ModelProto) -> list[str]:
