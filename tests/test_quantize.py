@@ -547,13 +547,31 @@ def test_auto_measures_every_candidate_and_keeps_the_fastest_within_budget(tmp_p
     (chosen,) = [c for c in result.candidates if c.get("chosen")]
     eligible = [c for c in result.candidates[1:] if c["within_budget"] and c["verdict"] == "faster"]
     if eligible:
+        # the most accurate of those within the fastest one's noise (tied on speed)
         fastest = min(eligible, key=lambda c: c["latency_ratio"])
-        assert chosen is fastest and chosen["latency_ratio"] < 1.0
+        tied = [
+            c for c in eligible if c["latency_ratio"] <= fastest["latency_ratio"] + fastest["noise"]
+        ]
+        assert chosen is min(tied, key=lambda c: (c["drop"], c["latency_ratio"]))
+        assert chosen["latency_ratio"] < 1.0
         tier = chosen["precision"].removesuffix("-qdq").removesuffix("-qoperator")
         assert result.precision == tier
     else:
         assert chosen["precision"] == "fp32" and result.precision == "fp32"
     assert run(tmp_path / "auto.onnx", feeds(1, batch=32)[0])[0].shape == (32, 32)
+
+
+def test_auto_prefers_the_most_accurate_of_candidates_tied_on_speed():
+    from pipeline.quantization.stage import _pick
+
+    def candidate(name, ratio, noise, drop):
+        return (type("R", (), {"drop": drop})(), name, {"latency_ratio": ratio, "noise": noise})
+
+    fast = candidate("fast", 0.44, 0.07, 0.0042)
+    accurate = candidate("accurate", 0.46, 0.09, 0.0019)
+    slow = candidate("slow", 0.60, 0.05, 0.0001)
+    assert _pick([fast, accurate, slow])[1] == "accurate"
+    assert _pick([candidate("a", 0.30, 0.02, 0.004), accurate])[1] == "a"  # clearly faster
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
