@@ -294,7 +294,8 @@ def optimize(
     precision: Annotated[
         str,
         typer.Option(
-            help="fp32 | fp16 | int8-dynamic | int8-static | int4 | auto (fastest tier within "
+            help="fp32 | fp16 | int8-dynamic | int8-static | int8-weight-only | int4 | auto "
+            "(fastest tier within "
             "the accuracy budget, measured)."
         ),
     ] = "fp32",

@@ -255,6 +255,20 @@ def test_guard_excludes_the_sensitive_node_and_the_budget_then_holds(tmp_path):
     assert any("kept 1 of 2" in n for n in result.notes)
 
 
+def test_int8_weight_only_keeps_activations_float(tmp_path):
+    src = mlp(tmp_path / "mlp.onnx")
+    result = quantize_model(
+        src, tmp_path / "w8.onnx", QuantizeOptions("int8-weight-only"), reference_feeds=feeds()
+    )
+    lowered = onnx.load(str(tmp_path / "w8.onnx"))
+    nbits = [n for n in lowered.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 2 and not ops(tmp_path / "w8.onnx")["DynamicQuantizeLinear"]
+    assert all(
+        helper.get_attribute_value(a) == 8 for n in nbits for a in n.attribute if a.name == "bits"
+    )
+    assert result.within_budget and result.accuracy["y"] > 0.9999, result.summary
+
+
 def test_guard_reports_a_budget_it_cannot_meet(tmp_path):
     src = mlp(tmp_path / "mlp.onnx")
     result = quantize_model(
@@ -538,7 +552,14 @@ def test_auto_measures_every_candidate_and_keeps_the_fastest_within_budget(tmp_p
         calibration_feeds=feeds(4, batch=32, seed=7),
     )
     labels = [c["precision"] for c in result.candidates]
-    assert labels == ["fp32", "int8-dynamic", "int8-static-qdq", "int8-static-qoperator", "int4"]
+    assert labels == [
+        "fp32",
+        "int8-dynamic",
+        "int8-static-qdq",
+        "int8-static-qoperator",
+        "int4",
+        "int8-weight-only",
+    ]
     for entry in result.candidates[1:]:
         assert entry["verdict"] != "failed", entry
         # every built candidate has its accuracy, its latency ratio and a verdict recorded

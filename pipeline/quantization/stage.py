@@ -490,6 +490,11 @@ def _quantize_tier(
                 reader=reader,
             )
             _write(lowered, target)
+        elif tier.weight_only_bits == 8:
+            lowered = tiers.int8_weight_only(
+                onnx.load(str(prepared)), block_size=options.int4_block_size, exclude_nodes=excluded
+            )
+            _write(lowered, target)
         else:  # pragma: no cover - validated in QuantizeOptions
             raise ValueError(tier.name)
         return target
@@ -520,7 +525,9 @@ def _quantize_tier(
         quantized = guard.quantized_nodes(model, lowered, set(op_types))
     if tier.weight_only_bits is not None:
         matmuls = sum(1 for n in model.graph.node if n.op_type == "MatMul")
-        notes.append(f"int4: {len(quantized)} of {matmuls} MatMul node(s) became MatMulNBits")
+        notes.append(
+            f"{tier.name}: {len(quantized)} of {matmuls} MatMul node(s) became MatMulNBits"
+        )
     full = exclusions.Point(0, score, candidate)
     ranking: list[tuple[str, float | None]] = []
     auto_excluded: list[str] = []

@@ -68,6 +68,10 @@ TIERS: dict[str, Tier] = {
         # big weights); HQQ int4 measured 3.5x SLOWER than fp32 on CPU, so it is a candidate
         # like any other: built, measured, and chosen only when faster within budget.
         Tier("int4", 0.02, weight_only_bits=4),
+        # int8 weight-only: MatMulNBits with 8-bit affine blocks (int4_affine's scheme); a
+        # quarter of fp32's weight bytes with activations kept float, for models bound by
+        # weight bandwidth (decoders at batch 1) where int4 loses too much.
+        Tier("int8-weight-only", 0.01, weight_only_bits=8),
         Tier("fp16", 1e-3, half=True, slow_on_cpu=True, auto_on_cpu=False),
     )
 }
@@ -333,6 +337,23 @@ def remove_redundant_casts(graph: onnx.GraphProto) -> int:
 # kernel; the offsets keep grid weights exact, so the activation rounding is what is left
 # (SmolLM2-135M: perplexity +0.8%, decode 2.6x the fp32 export, docs/benchmarks.md).
 AFFINE_ACCURACY_LEVEL = 4
+
+
+def int8_weight_only(
+    model: onnx.ModelProto, *, block_size: int, exclude_nodes: Sequence[str]
+) -> onnx.ModelProto:
+    """Weight-only 8-bit ``MatMulNBits`` (affine blocks) for MatMuls with constant weights."""
+    from pipeline.quantization import int4_affine
+
+    every = [n.name for n in model.graph.node if n.op_type == "MatMul"]
+    lowered, _ = int4_affine.lower(
+        model,
+        block_size=block_size,
+        accuracy_level=AFFINE_ACCURACY_LEVEL,
+        exclude_nodes=exclude_nodes,
+        eight_bit_nodes=every,
+    )
+    return lowered
 
 
 def int4(
