@@ -7,12 +7,10 @@ step) plus the decoder cases of ``models.llama``, and greedy decoding. ``--no-ti
 applies every fusion that matches (a kernel-timing verdict depends on the machine and its
 noise: the counts asserted here must not), ``--no-speed-check`` skips the latency gate.
 
-``--output-tol logits=1e-3,2e-3``: the run's own verification feeds random past tensors,
-where fp32 reordering noise on the logits reaches ~1.1e-3 (see ``models.smollm2``). At the
-decoder budget's atol 1e-3 it rolls ``fuse_rms_norm`` back on an AVX-512 EPYC (4 of 1.9M
-logits at 1.09e-3; 0 of 61 RMS norms fused, 3:35 instead of 1:29 for the bisection), so
-this test would fail on the machine, not on the fusion. The issue's 1e-3 is asserted here,
-on real token ids.
+The run verifies at the decoder-LM budget of ``pipeline.verify`` (its own verification sets
+feed random past tensors, where fp32 reordering noise on logits near zero reached 1.09e-3);
+the issue's 1e-3 is asserted here, on real token ids. At the former atol 1e-3 this test
+failed on an AVX-512 EPYC: ``fuse_rms_norm`` was rolled back (0 of 61 RMS norms fused).
 """
 
 from __future__ import annotations
@@ -79,7 +77,7 @@ def pair(tmp_path_factory) -> Pair:
     ids = smollm2.load_tokenizer()(text, add_special_tokens=False)["input_ids"]
     command = [sys.executable, str(ROOT / "optimize.py"), str(export), "-o", str(optimized)]
     command += ["--report", str(folder / "report.json"), "--external-data", "-q"]
-    command += ["--no-time-kernels", "--no-speed-check", "--output-tol", "logits=1e-3,2e-3"]
+    command += ["--no-time-kernels", "--no-speed-check"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return Pair(export, optimized, np.asarray(ids, dtype=np.int64))
