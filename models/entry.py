@@ -34,6 +34,9 @@ class ZooEntry:
             module from ``build`` then has an ``hf_model`` attribute (a transformers model,
             saved with ``save_pretrained`` to a local folder and exported from there).
         tolerance: ``(rtol, atol)`` for validating an export against PyTorch.
+        tokenizer: ``tokenizer() -> tokenizers.Tokenizer`` for a real-weight language model:
+            saved beside its export as ``<name>.tokenizer.json``, where the LM guard and text
+            calibration data look for it (``lm_guard.tokenizer_beside``).
     """
 
     name: str
@@ -48,3 +51,4 @@ class ZooEntry:
     real_weights: bool = False
     optimum_task: str | None = None
     tolerance: tuple[float, float] = (1e-3, 1e-4)
+    tokenizer: Callable[[], object] | None = None

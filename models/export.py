@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from models.zoo import ZOO, Feeds, ZooEntry
+from pipeline.quantization.lm_guard import TOKENIZER_SUFFIX
 from pipeline.runtime.compare import Comparison, Tolerance, compare_sets
 from pipeline.runtime.sessions import open_session
 
@@ -116,6 +117,9 @@ def export_model(
         seconds = time.perf_counter() - start
         validation = validate(entry, module, staged, feed_sets)
         nodes = _node_count(staged)
+        if entry.tokenizer is not None and not tiny:
+            entry.tokenizer().save(str(staging / TOKENIZER_SUFFIX))
+            os.replace(staging / TOKENIZER_SUFFIX, path.with_suffix(TOKENIZER_SUFFIX))
         _move_into_place(staged, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -169,6 +169,7 @@ ENTRY = ZooEntry(
     exporters=("optimum",),  # transformers' mask code needs optimum's export patches
     real_weights=True,
     optimum_task="text-generation-with-past",
+    tokenizer=lambda: load_tokenizer().backend_tokenizer,
     # 30 float32 layers fed random past tensors: one logit in ~2M was 1.1e-3 off PyTorch
     # (logits reach ~20); 5e-3 absolute still catches any real export error.
     tolerance=(1e-3, 5e-3),

@@ -119,3 +119,15 @@ def test_text_without_a_tokenizer_is_a_usage_error(tmp_path):
     (tmp_path / "t.txt").write_text("the cat\n")
     with pytest.raises(UserError, match="tokenizer"):
         data.load(_encoder(), None, tmp_path, None, None, [])
+
+
+def test_a_models_own_tokenizer_file_wins_over_the_folders(tmp_path):
+    from pipeline.quantization.lm_guard import tokenizer_beside
+
+    model = tmp_path / "smollm2.onnx"
+    model.write_bytes(b"")
+    assert tokenizer_beside(model) is None
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert tokenizer_beside(model) == tmp_path / "tokenizer.json"
+    (tmp_path / "smollm2.tokenizer.json").write_text("{}")
+    assert tokenizer_beside(model) == tmp_path / "smollm2.tokenizer.json"

@@ -69,10 +69,13 @@ def pair(tmp_path_factory) -> Pair:
     if reason:
         pytest.skip(reason)
     from models.export import export_model
+    from pipeline.quantization.lm_guard import tokenizer_beside
 
     folder = tmp_path_factory.mktemp("smollm2")
     export, optimized = folder / "smollm2.onnx", folder / "fp32.onnx"
     export_model("smollm2", export)
+    # the zoo writes the model's tokenizer beside it, where the LM guard finds it
+    assert tokenizer_beside(export) == folder / "smollm2.tokenizer.json"
     text = lm_quality.bundled_text("evaluation")[:4000]
     ids = smollm2.load_tokenizer()(text, add_special_tokens=False)["input_ids"]
     command = [sys.executable, str(ROOT / "optimize.py"), str(export), "-o", str(optimized)]

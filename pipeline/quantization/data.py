@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 
 from pipeline.quantization import calibration
+from pipeline.quantization.lm_guard import tokenizer_beside
 from pipeline.runtime.errors import UserError
 
 EVALUATION_EVERY = 4
@@ -95,7 +96,7 @@ def find_tokenizer(model_path: Path | None, data: Path, given: Path | None) -> P
     folder = data if data.is_dir() else data.parent
     candidates = [given] if given is not None else []
     if model_path is not None:
-        candidates.append(Path(model_path).parent / "tokenizer.json")
+        candidates.append(tokenizer_beside(model_path))
     candidates.append(folder / "tokenizer.json")
     for candidate in candidates:
         if candidate is not None and candidate.is_file():

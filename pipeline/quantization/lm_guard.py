@@ -100,10 +100,17 @@ def has_causal_lm_interface(inputs: list[str], outputs: list[str]) -> bool:
     )
 
 
+TOKENIZER_SUFFIX = ".tokenizer.json"  # the zoo's export writes NAME.tokenizer.json beside NAME.onnx
+
+
 def tokenizer_beside(model_path: Path) -> Path | None:
-    """The ``tokenizer.json`` an exporter put next to the model (optimum does), if any."""
-    path = Path(model_path).parent / "tokenizer.json"
-    return path if path.is_file() else None
+    """The tokenizer saved next to the model, if any: ``NAME.tokenizer.json`` (the zoo's
+    batch export, several models to a folder) first, else ``tokenizer.json`` (optimum's)."""
+    model_path = Path(model_path)
+    for path in (model_path.with_suffix(TOKENIZER_SUFFIX), model_path.parent / "tokenizer.json"):
+        if path.is_file():
+            return path
+    return None
 
 
 class LmEvaluator:
