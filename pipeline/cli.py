@@ -24,7 +24,7 @@ from pipeline.providers import (
     required_target,
 )
 from pipeline.recipe import Recipe
-from pipeline.report import Report, write_report
+from pipeline.report import Report, check_report_path, write_report
 from pipeline.runtime.compare import Tolerance
 from pipeline.runtime.errors import (
     EXIT_BAD_INPUT,
@@ -403,6 +403,8 @@ def optimize(
     try:
         if model is None:
             raise UserError("missing input model: optimize.py IN.onnx -o OUT.onnx")
+        if report is not None:
+            check_report_path(report)
         chosen = load_recipe(recipe).with_overrides(
             passes=_split(passes),
             skip_passes=_split(skip_passes),

@@ -124,6 +124,15 @@ class Report:
         return to_jsonable(dataclasses.asdict(self))
 
 
+def check_report_path(path: Path) -> None:
+    """Fail before the run, not after it: ``--report`` must name a file in an existing folder."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UserError(f"--report path is a directory: {path}")
+    if not folder.is_dir():
+        raise UserError(f"--report folder does not exist: {folder}")
+
+
 def write_report(report: Report, path: Path) -> None:
     """Write report.json atomically (temp file in the same folder + rename)."""
     text = json.dumps(report.to_dict(), indent=2, sort_keys=False) + "\n"

@@ -116,3 +116,23 @@ def test_external_data_model_is_optimized_and_its_folder_left_clean(tmp_path: Pa
     assert report["parity"]["passed"]
     assert any(p["verification"] == "passed" for p in report["passes"])
     assert sorted(p.name for p in folder.iterdir()) == listing
+
+
+@pytest.mark.parametrize("where", ["missing_folder/report.json", "."])
+def test_a_bad_report_path_exits_2_before_the_run(small_model: Path, tmp_path: Path, where):
+    out = tmp_path / "out.onnx"
+    report = tmp_path / where
+    proc = run_cli(small_model, "-o", out, "--report", report)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "--report" in proc.stdout + proc.stderr
+    assert not out.exists()  # nothing ran, nothing was written
+
+
+def test_report_and_model_files_are_ordinary_files(small_model: Path, tmp_path: Path):
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    old = os.umask(0o022)
+    try:
+        assert run_cli(small_model, "-o", out, "--report", report).returncode == 0
+    finally:
+        os.umask(old)
+    assert report.stat().st_mode & 0o777 == 0o644
