@@ -148,6 +148,19 @@ def print_peak_rss() -> None:
     print(json.dumps({"peak_rss_bytes": kib * 1024}))
 
 
+def describe(row: dict, before: str, after: str, names: tuple[str, str] = ("", "")) -> str:
+    """One printed line for a compared row: decode tok/s, time ratio, TTFT, peak RSS, tokens.
+    ``names`` label the two sides (``("export ", "PyTorch ")``) where they are not obvious."""
+    o, c, r = row[before], row[after], row["decode_ratio"]
+    return (
+        f"decode {names[0]}{o['decode_tokens_per_s']:.1f} -> {names[1]}"
+        f"{c['decode_tokens_per_s']:.1f} tok/s (time ratio {r['ratio']:.3f} "
+        f"±{r['noise']:.3f}), TTFT {o['ttft_ms']:.1f} -> {c['ttft_ms']:.1f} ms, "
+        f"peak RSS {o['peak_rss_bytes'] / 2**20:.0f} -> "
+        f"{c['peak_rss_bytes'] / 2**20:.0f} MiB, same tokens: {row['same_tokens']}"
+    )
+
+
 def compare_case(
     original: Path, candidate: Path, threads: int, batch: int, args: argparse.Namespace
 ) -> dict:
@@ -246,14 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             for batch in args.batches:
                 row = compare_case(args.original, args.candidate, threads, batch, args)
                 rows.append(row)
-                o, c, r = row["original"], row["candidate"], row["decode_ratio"]
-                print(
-                    f"threads {threads} batch {batch}: decode {o['decode_tokens_per_s']:.1f} -> "
-                    f"{c['decode_tokens_per_s']:.1f} tok/s (time ratio {r['ratio']:.3f} "
-                    f"±{r['noise']:.3f}), TTFT {o['ttft_ms']:.1f} -> {c['ttft_ms']:.1f} ms, "
-                    f"peak RSS {o['peak_rss_bytes'] / 2**20:.0f} -> "
-                    f"{c['peak_rss_bytes'] / 2**20:.0f} MiB, same tokens: {row['same_tokens']}"
-                )
+                print(f"threads {threads} batch {batch}: " + describe(row, "original", "candidate"))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

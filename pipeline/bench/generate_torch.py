@@ -175,14 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             for batch in args.batches:
                 row = compare_case(args.export, model, threads, batch, args)
                 rows.append(row)
-                e, t, r = row["export"], row["pytorch"], row["decode_ratio"]
-                print(
-                    f"threads {threads} batch {batch}: decode export {e['decode_tokens_per_s']:.1f}"
-                    f" -> PyTorch {t['decode_tokens_per_s']:.1f} tok/s (time ratio "
-                    f"{r['ratio']:.3f} ±{r['noise']:.3f}), TTFT {e['ttft_ms']:.1f} -> "
-                    f"{t['ttft_ms']:.1f} ms, peak RSS {e['peak_rss_bytes'] / 2**20:.0f} -> "
-                    f"{t['peak_rss_bytes'] / 2**20:.0f} MiB, same tokens: {row['same_tokens']}"
-                )
+                line = gen.describe(row, "export", "pytorch", ("export ", "PyTorch "))
+                print(f"threads {threads} batch {batch}: {line}")
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

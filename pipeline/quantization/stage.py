@@ -437,15 +437,21 @@ def _quantize_tier(
             )
 
     counter = iter(range(100_000))
+    # Nodes of a quantized op type the tier must leave alone: ONNX's own Attention-23 (the
+    # dynamic tier quantizes ORT's com.microsoft Attention only) and, for static QDQ,
+    # activation x activation MatMuls.
+    if tier.calibrated:
+        never_quantized = tiers.activation_matmuls(model)
+    else:
+        never_quantized = [
+            n.name
+            for n in model.graph.node
+            if n.op_type == "Attention" and not tiers.is_contrib_attention(n)
+        ]
 
     def make(excluded: list[str]) -> Path:
         target = tmp / f"candidate-{next(counter)}.onnx"
         if tier.int8 and not tier.calibrated:
-            standard_attention = [
-                n.name
-                for n in model.graph.node
-                if n.op_type == "Attention" and not tiers.is_contrib_attention(n)
-            ]
             tiers.int8_dynamic(
                 prepared,
                 target,
@@ -453,7 +459,7 @@ def _quantize_tier(
                 per_channel=options.per_channel,
                 reduce_range=reduce_range,
                 symmetric_weights=options.symmetric_weights,
-                exclude_nodes=excluded + standard_attention,
+                exclude_nodes=excluded + never_quantized,
             )
         elif tier.calibrated:
             tiers.int8_static(
@@ -466,7 +472,7 @@ def _quantize_tier(
                 reduce_range=reduce_range,
                 activation_type=activation_type,
                 symmetric_weights=options.symmetric_weights,
-                exclude_nodes=excluded + tiers.activation_matmuls(model),
+                exclude_nodes=excluded + never_quantized,
                 quant_format=options.quant_format,
             )
         elif tier.half:
