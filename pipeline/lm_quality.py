@@ -51,11 +51,11 @@ def bundled_text(split: str) -> str:
     return "\n\n".join(p for p in paragraphs if p and p not in seen)
 
 
-def load_tokenizer(model_dir: Path):
-    """The ``tokenizers`` tokenizer saved next to an exported model (``tokenizer.json``)."""
-    path = Path(model_dir) / "tokenizer.json"
+def load_tokenizer(path: Path):
+    """The ``tokenizers`` tokenizer in the file ``path`` (a ``tokenizer.json``)."""
+    path = Path(path)
     if not path.is_file():
-        raise UserError(f"no tokenizer.json in {model_dir}: pass token ids or the HF folder")
+        raise UserError(f"tokenizer not found: {path}: pass token ids or the HF folder")
     from tokenizers import Tokenizer
 
     return Tokenizer.from_file(str(path))

@@ -20,8 +20,9 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from pipeline.runtime import opaque_types
+from pipeline.runtime import opaque_types, scratch_weights
 from pipeline.runtime.errors import UserError
+from pipeline.runtime.scratch_weights import ScratchWeights
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +35,13 @@ DECLARED_VALUE_INFO = "declared_value_info"
 LOAD_NOTES = "load_notes"
 
 
-def load_model(path: str | os.PathLike) -> ir.Model:
-    """Load and check an ONNX model, raising ``UserError`` for anything unusable."""
+def load_model(path: str | os.PathLike, scratch: ScratchWeights | None = None) -> ir.Model:
+    """Load and check an ONNX model, raising ``UserError`` for anything unusable.
+
+    With ``scratch``, a large model whose weights are inside its file (a file of
+    ``scratch_weights.SPILL_FILE_BYTES`` and up, no external data) has them moved to the
+    scratch folder and memory-mapped from there (pipeline/runtime/scratch_weights.py says
+    why)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"input model not found: {path}")
@@ -49,13 +55,19 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise UserError(f"not a readable ONNX model: {path} ({_first_line(exc)})") from exc
     if proto.HasField("graph"):
         _raise_duplicate_outputs(proto.graph, path)
+    checked = path
+    base_dir = path.parent
+    if scratch is not None and _worth_spilling(path, proto):
+        checked = scratch.externalize_proto(proto)
+        base_dir = checked.parent
+        proto = onnx.load(str(checked), load_external_data=False)
     stash = opaque_types.detach(proto)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:
         raise UserError(f"not a readable ONNX model: {path} ({_root_cause(exc)})") from exc
     del proto
-    ir.external_data.set_base_dir(model.graph, str(path.parent))
+    ir.external_data.set_base_dir(model.graph, str(base_dir))
     opaque_types.attach(model, stash)
     if len(model.graph) == 0 and not model.graph.outputs:
         raise UserError(f"file parses but holds no ONNX graph (not a model?): {path}")
@@ -63,7 +75,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise UserError(f"model graph has no outputs, nothing to optimize: {path}")
     _check_external_data(model, path)
     try:
-        check_model(path)
+        check_model(checked)
     except UserError as exc:
         if _UNSORTED not in str(exc):
             raise
@@ -71,6 +83,17 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     _raise_old_ir_version(model)
     model.graph.meta[DECLARED_VALUE_INFO] = _described_values(model)
     return model
+
+
+def _worth_spilling(path: Path, proto: onnx.ModelProto) -> bool:
+    """A large file whose weights are all inside it (a model with external data already
+    keeps its weights on disk)."""
+    if path.stat().st_size < scratch_weights.SPILL_FILE_BYTES:
+        return False
+    return not any(
+        tensor.data_location == onnx.TensorProto.EXTERNAL
+        for tensor in onnx.external_data_helper._get_all_tensors(proto)
+    )
 
 
 def _raise_duplicate_outputs(graph: onnx.GraphProto, path: Path) -> None:
@@ -306,8 +329,13 @@ def file_sha256(path: Path) -> str:
 
 
 def referenced_data_files(path: Path) -> set[str]:
-    """External-data locations the model file at ``path`` refers to (empty if none/unreadable)."""
-    if not path.is_file():
+    """External-data locations the model file at ``path`` refers to (empty if none/unreadable).
+
+    A file of ``scratch_weights.SPILL_FILE_BYTES`` or more is taken to hold its weights
+    itself and is not parsed: a protobuf can only be read whole, and reading a multi-GB model
+    to list no data files would double a run's memory. (A model with external data is a
+    small file.)"""
+    if not path.is_file() or path.stat().st_size >= scratch_weights.SPILL_FILE_BYTES:
         return set()
     try:
         proto = onnx.load(str(path), load_external_data=False)

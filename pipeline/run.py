@@ -43,6 +43,7 @@ from pipeline.runtime import inputs as inputs_mod
 from pipeline.runtime import sessions as runners
 from pipeline.runtime.compare import Tolerance
 from pipeline.runtime.errors import UserError, VerificationFailed
+from pipeline.runtime.scratch_weights import ScratchWeights, scratch_weights
 from pipeline.runtime.timing import compare_latency
 from pipeline.verify import DECODER_TOLERANCE, Verifier, decoder_output_tolerances
 
@@ -280,11 +281,17 @@ def _output_tolerances(
 def run(options: RunOptions, report_sink: list[Report], listener: Listener | None = None) -> Report:
     """Optimize one model. The report is appended to ``report_sink`` as soon as it exists,
     so a caller can write it even when this raises."""
-    listener = listener or _Silent()
-    started = time.perf_counter()
     _check_paths(options)
+    with scratch_weights(options.output_path.parent) as scratch:
+        return _run(options, report_sink, listener or _Silent(), scratch)
+
+
+def _run(
+    options: RunOptions, report_sink: list[Report], listener: Listener, scratch: ScratchWeights
+) -> Report:
+    started = time.perf_counter()
     listener.stage("load")
-    model = load_model(options.input_path)
+    model = load_model(options.input_path, scratch)
     input_hash = file_sha256(options.input_path)
     recipe = options.recipe
     report = Report(
@@ -333,6 +340,7 @@ def run(options: RunOptions, report_sink: list[Report], listener: Listener | Non
     report.rolled_back = dict(result.rolled_back)
     report.iterations = result.iterations
     optimized = result.model
+    scratch.spill(optimized)
     _check_fusions(original, optimized, target, report)
 
     listener.stage("final verification")
@@ -365,6 +373,7 @@ def run(options: RunOptions, report_sink: list[Report], listener: Listener | Non
             optimized, quantize_options, sets, reference
         )
         report.seconds["quantize"] = time.perf_counter() - t0
+        scratch.spill(optimized)
         report.warnings.extend(report.quantization.get("notes", []))
         failure = quantize_mod.stage_failure(report.quantization)
         if failure:
@@ -405,6 +414,11 @@ def run(options: RunOptions, report_sink: list[Report], listener: Listener | Non
             )
 
     listener.stage("save")
+    if scratch.in_use and options.external_data is None:
+        report.warnings.append(
+            "weights saved as external data beside the model (a model this large is; ONNX "
+            "Runtime memory-maps them instead of copying); --no-external-data writes one file"
+        )
     save_model(optimized, options.output_path, external_data=options.external_data)
     if file_sha256(options.input_path) != input_hash:  # a guarantee, checked every run
         raise RuntimeError("input model file changed during the run")

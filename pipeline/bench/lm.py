@@ -3,9 +3,9 @@ of a candidate (an optimized or quantized copy) with it.
 
     python scripts/bench_lm.py REFERENCE.onnx [CANDIDATE.onnx] [--text FILE] [--windows 8]
 
-The text is tokenized with the ``tokenizer.json`` next to the reference model (optimum
-copies it there); without ``--text`` it is the bundled evaluation split
-(``pipeline.lm_quality.bundled_text``), which calibration never sees.
+The text is tokenized with the tokenizer next to the reference model (``NAME.tokenizer.json``
+from the zoo's export, or optimum's ``tokenizer.json``); without ``--text`` it is the bundled
+evaluation split (``pipeline.lm_quality.bundled_text``), which calibration never sees.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from pipeline import lm_quality
+from pipeline.quantization.lm_guard import tokenizer_beside
 from pipeline.runtime import machine
 from pipeline.runtime.errors import UserError
 from pipeline.runtime.sessions import create_session
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.text
             else lm_quality.bundled_text("evaluation")
         )
-        tokenizer = lm_quality.load_tokenizer(args.reference.parent)
+        found = tokenizer_beside(args.reference) or args.reference.parent / "tokenizer.json"
+        tokenizer = lm_quality.load_tokenizer(found)
         ids = np.asarray(tokenizer.encode(text).ids)
         windows = lm_quality.token_windows(ids, args.length, args.windows)
     except (UserError, OSError) as exc:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from pipeline import lm_quality
 from pipeline.quantization import calibration
 from pipeline.quantization.lm_guard import tokenizer_beside
 from pipeline.runtime.errors import UserError
@@ -109,9 +110,7 @@ def find_tokenizer(model_path: Path | None, data: Path, given: Path | None) -> P
 
 def tokenize(lines: list[str], tokenizer_path: Path, model: onnx.ModelProto) -> list[Feeds]:
     """Batches of ``TEXT_BATCH`` lines, padded to the longest, as the model's inputs."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    tokenizer = lm_quality.load_tokenizer(tokenizer_path)
     tokenizer.no_padding()
     tokenizer.enable_truncation(MAX_TOKENS)
     pad = tokenizer.token_to_id("[PAD]") or tokenizer.token_to_id("<pad>") or 0

@@ -127,7 +127,7 @@ class LmEvaluator:
     ) -> None:
         self.budget, self.split = budget, split
         text = lm_quality.bundled_text(split) if text is None else text
-        ids = np.asarray(lm_quality.load_tokenizer(Path(tokenizer).parent).encode(text).ids)
+        ids = np.asarray(lm_quality.load_tokenizer(tokenizer).encode(text).ids)
         self.windows = lm_quality.token_windows(ids, LENGTH, WINDOWS)
         self.reference = self._score(fp32_path)
 

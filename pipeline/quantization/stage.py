@@ -825,6 +825,7 @@ def run_stage(
     import onnx_ir as ir
 
     from pipeline.runtime.errors import UserError
+    from pipeline.runtime.sessions import has_external_tensors
 
     if reference is None:
         raise UserError(
@@ -834,7 +835,10 @@ def run_stage(
     with tempfile.TemporaryDirectory(prefix="ovo-quant-stage-") as tmp:
         fp32_path = Path(tmp) / "fp32.onnx"
         out_path = Path(tmp) / "quantized.onnx"
-        ir.save(optimized, fp32_path)
+        # A model whose weights are on disk (a large one) stays so: its tensors are written
+        # to the stage's own data file, streamed, never gathered into one protobuf.
+        external = "fp32.onnx.data" if has_external_tensors(optimized) else None
+        ir.save(optimized, fp32_path, external_data=external)
         fp32 = onnx.load(str(fp32_path), load_external_data=False)
         try:
             metric = options.metric_for(*_io_names(fp32))

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from pipeline.runtime import opaque_types
+from pipeline.runtime.scratch_weights import in_memory_initializers, owned_prefix, remove_stale
 
 logger = logging.getLogger(__name__)
 
@@ -80,24 +80,32 @@ def model_on_disk(model: ir.Model) -> Iterator[Path]:
     ONNX Runtime resolves external data relative to the model file and refuses paths that
     leave the model's folder, symbolic links included. So the model is written as a hidden
     temporary file INTO the folder that holds its external data (the data files are then
-    found as they are), and removed afterwards. Where that folder is not writable, a scratch
-    folder gets hard links to the data files, or copies as a last resort.
+    found as they are), and removed afterwards, together with a data file beside it that holds
+    the model's large in-memory tensors (those a pass made) for as long as ONNX Runtime loads
+    it. Where that folder is not writable, a scratch folder gets hard links to the data
+    files, or copies as a last resort.
     """
-    proto = opaque_types.to_proto(model)
     folders = _external_folders(model)
-    small = proto.ByteSize() < 1_900_000_000
-    if small and len(folders) == 1 and os.access(next(iter(folders)), os.W_OK):
+    if len(folders) == 1 and os.access(next(iter(folders)), os.W_OK):
         folder = next(iter(folders))
-        _remove_stale_temp_models(folder)
-        fd, name = tempfile.mkstemp(prefix=_temp_prefix(), suffix=".onnx", dir=folder)
+        for suffix in (".onnx", ".data"):
+            remove_stale(folder, _TEMP_KIND, suffix)
+        fd, name = tempfile.mkstemp(prefix=owned_prefix(_TEMP_KIND), suffix=".onnx", dir=folder)
         path = Path(name)
+        sidecar = path.with_suffix(".data")
         try:
+            with _large_tensors_in(model, sidecar):
+                proto = opaque_types.to_proto(model)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(proto.SerializeToString())
+            del proto
             yield path
         finally:
             path.unlink(missing_ok=True)
+            sidecar.unlink(missing_ok=True)
         return
+    proto = opaque_types.to_proto(model)
+    small = proto.ByteSize() < 1_900_000_000
     scratch = Path(tempfile.mkdtemp(prefix="ovo-run-"))
     try:
         for graph in model.graphs():
@@ -114,36 +122,37 @@ def model_on_disk(model: ir.Model) -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+# In-memory tensors from this size up go to a data file beside the temporary model instead of
+# into its protobuf (where they would be copied twice more: into the message, then into bytes).
+SIDECAR_MIN_BYTES = 1 << 20
+
+
+@contextlib.contextmanager
+def _large_tensors_in(model: ir.Model, data_path: Path) -> Iterator[None]:
+    """While ``model`` is serialized for a session, its large in-memory initializers are
+    external tensors in ``data_path`` (written now, page-aligned so ONNX Runtime can map
+    them); the model gets its own tensors back afterwards, unchanged."""
+    values = in_memory_initializers(model, SIDECAR_MIN_BYTES)
+    if not values:
+        yield
+        return
+    kept = [value.const_value for value in values]
+    external = ir.external_data.convert_tensors_to_external(
+        kept, data_path.parent, data_path.name, alignment=4096
+    )
+    try:
+        for value, tensor in zip(values, external, strict=True):
+            value.const_value = tensor
+        yield
+    finally:
+        for value, tensor in zip(values, kept, strict=True):
+            value.const_value = tensor
+
+
 # Temporary models written beside the user's external data are named
 # ``.ovo-run-<host>-<pid>-<random>.onnx``: a process killed while ONNX Runtime loads one
 # cannot remove it, so the next run in that folder removes those whose process is gone.
-_TEMP_PREFIX = ".ovo-run-"
-
-
-def _temp_prefix() -> str:
-    return f"{_TEMP_PREFIX}{socket.gethostname()}-{os.getpid()}-"
-
-
-def _remove_stale_temp_models(folder: Path) -> None:
-    """Delete temporary models left in ``folder`` by killed runs on this host."""
-    host = socket.gethostname()
-    for path in folder.glob(f"{_TEMP_PREFIX}*.onnx"):
-        owner, _, rest = path.name[len(_TEMP_PREFIX) :].rpartition("-")
-        found_host, _, pid = owner.rpartition("-")
-        if found_host != host or not pid.isdigit() or not rest or _alive(int(pid)):
-            continue
-        logger.info("removing %s, left by a killed run", path)
-        path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
+_TEMP_KIND = "run"
 
 
 def _link_external_file(tensor: ir.ExternalTensor, scratch: Path) -> None:
