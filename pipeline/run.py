@@ -119,10 +119,23 @@ def _check_paths(options: RunOptions) -> None:
         raise UserError(f"cannot write to output folder {folder}: {exc.strerror or exc}") from exc
 
 
+# When the model fails on the generated inputs, these are tried in turn (each a change to
+# how ``inputs.generate_input_sets`` sizes things), then every dynamic dimension at 1.
+_INPUT_PLANS = (
+    ("longer non-batch dynamic dimensions (x4)", {"scale": 4}),
+    ("longer non-batch dynamic dimensions (x16)", {"scale": 16}),
+    ("the attention mask spanning past + new tokens", {"mask_spans_past": True}),
+)
+
+
 def _reference_run(
     model: ir.Model, options: RunOptions, report: Report
 ) -> tuple[list[inputs_mod.Feeds], list[runners.Outputs] | None]:
-    """Pick input sets and compute the original model's outputs on them."""
+    """Pick input sets and compute the original model's outputs on them.
+
+    Generated inputs are a search, not a guess: when the model fails on the default sizes,
+    the plans above are tried in turn; the report's ``inputs.search`` lists every attempt.
+    """
     if options.inputs_path is not None:
         sets = inputs_mod.load_user_inputs(options.inputs_path)
         inputs_mod.check_user_inputs(model, sets)
@@ -139,21 +152,86 @@ def _reference_run(
     except Exception as exc:
         if source == "user":
             raise UserError(f"the input model fails on your --inputs data: {_line(exc)}") from exc
-        fallback = [inputs_mod.minimal_input_set(model, options.input_shapes, seed=options.seed)]
-        try:
-            outputs = runners.run_all(session, fallback)
-        except Exception as exc2:
-            return _unverifiable(
-                options, report, sets, source, f"cannot run it: {_ort_reason(exc2)}"
-            )
-        report.warnings.append(
-            "the model failed on inputs with varied dynamic sizes; verified with every "
-            f"dynamic dimension at 1 only ({_line(exc)}). Pass --inputs or --input-shape "
-            "for stronger verification."
-        )
-        sets = fallback
+        return _search_inputs(model, options, report, session, sets, exc)
     report.inputs = _describe_inputs(sets, source)
     return sets, outputs
+
+
+def _search_inputs(model, options, report, session, first_sets, first_error):
+    """The generated default sets failed: try the other plans, then all dynamic dims at 1."""
+    attempts = [("the default sizes", first_sets, first_error)]
+    plans = [
+        (
+            text,
+            lambda kw=kw: inputs_mod.generate_input_sets(
+                model, options.input_shapes, seed=options.seed, **kw
+            ),
+        )
+        for text, kw in _INPUT_PLANS
+    ]
+    plans.append(
+        (
+            "every dynamic dimension at 1",
+            lambda: [inputs_mod.minimal_input_set(model, options.input_shapes, seed=options.seed)],
+        )
+    )
+    for text, make in plans:
+        sets = make()
+        try:
+            outputs = runners.run_all(session, sets)
+        except Exception as exc:
+            attempts.append((text, sets, exc))
+            continue
+        report.warnings.append(
+            f"the model failed on the default generated inputs ({_ort_reason(first_error)}); "
+            f"verified with {text} instead. Pass --inputs or --input-shape for inputs that "
+            "look like real use."
+        )
+        report.inputs = _describe_inputs(sets, "generated") | {
+            "search": [_attempt(t, s, e) for t, s, e in attempts] + [_attempt(text, sets, None)]
+        }
+        return sets, outputs
+    report.inputs = _describe_inputs(first_sets, "generated") | {
+        "search": [_attempt(t, s, e) for t, s, e in attempts]
+    }
+    if options.allow_unverified:
+        reason = f"cannot run it: {_ort_reason(first_error)}"
+        return _unverifiable(options, report, first_sets, "generated", reason)
+    raise UserError(_no_inputs_found(model, attempts))
+
+
+def _attempt(plan: str, sets: list[inputs_mod.Feeds], error: BaseException | None) -> dict:
+    shapes = {name: list(array.shape) for name, array in sets[0].items()}
+    return {"plan": plan, "shapes": shapes, "error": None if error is None else _ort_reason(error)}
+
+
+_ORT_NODE = re.compile(r"running (\w+) node\. Name:'([^']*)'")
+
+
+def _no_inputs_found(model: ir.Model, attempts) -> str:
+    """The one-line error when no generated inputs run: the failing node, what was tried,
+    and the exact options to pass instead."""
+    _, first_sets, first_error = attempts[0]
+    reason = _ort_reason(first_error)
+    where = _ORT_NODE.search(str(first_error))
+    node = f" at {where.group(1)} node '{where.group(2)}'" if where else ""
+    dynamic = {
+        spec.name
+        for spec in inputs_mod.input_specs(model)
+        if spec.shape is None or any(not isinstance(d, int) for d in spec.shape)
+    }
+    shapes = " ".join(
+        f"--input-shape {name}={','.join(map(str, array.shape))}"
+        for name, array in first_sets[0].items()
+        if name in dynamic
+    )
+    hint = f"or fix the dynamic sizes, e.g. {shapes} with sizes it accepts" if shapes else ""
+    return (
+        f"ONNX Runtime cannot run the model on generated inputs{node}: {_line(reason)} "
+        f"(tried {len(attempts)} input plans: {', '.join(t for t, _, _ in attempts)}). "
+        f"Pass real data with --inputs DIR (.npz files holding {', '.join(sorted(first_sets[0]))}) "
+        f"{hint}; --allow-unverified skips output verification"
+    )
 
 
 def _unverifiable(options, report, sets, source, reason):
@@ -164,7 +242,7 @@ def _unverifiable(options, report, sets, source, reason):
             "optimize with checker-only verification)"
         )
     report.warnings.append(f"{message}; passes were verified by the ONNX checker only")
-    report.inputs = _describe_inputs(sets, source)
+    report.inputs = report.inputs or _describe_inputs(sets, source)
     return sets, None
 
 

@@ -105,16 +105,16 @@ def bench_feeds(
             if isinstance(dim, str) and dim in dims:
                 shape.append(dims[dim])
                 continue
-            kind = inputs_mod._symbol_sizes(spec, axis, dim)
-            if kind == inputs_mod.BATCH_SIZES:
+            kind, _ = inputs_mod.dynamic_dim_sizes(spec, axis, dim)
+            if kind == "batch":
                 shape.append(batch)
                 has_batch = True
-            elif kind == inputs_mod.SEQUENCE_SIZES:
-                shape.append(DEFAULT_SEQUENCE)
-            elif kind == inputs_mod.SPATIAL_SIZES:
-                shape.append(DEFAULT_SPATIAL)
             else:
-                shape.append(DEFAULT_OTHER)
+                shape.append(
+                    {"sequence": DEFAULT_SEQUENCE, "spatial": DEFAULT_SPATIAL}.get(
+                        kind, DEFAULT_OTHER
+                    )
+                )
         overrides[spec.name] = tuple(shape)
     feeds = inputs_mod.generate_input_sets(model, overrides, seed=seed, num_sets=1)[0]
     return feeds, has_batch

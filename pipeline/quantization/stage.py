@@ -389,8 +389,9 @@ def _quantize_tier(
             summary="fp32: unchanged",
             data=dict(samples.roles),
         )
-    original = onnx.load(str(fp32_path))
-    model = _prepare(original, tier, options, notes)
+    # Not kept beside the prepared copy: on a large model that would be one more full copy
+    # of the weights for the whole stage.
+    model = _prepare(onnx.load(str(fp32_path)), tier, options, notes)
     if tier.int8 and options.smooth_alpha is not None:
         model = _smoothed(model, options.smooth_alpha, samples, notes)
     prepared = tmp / "prepared.onnx"
@@ -505,7 +506,7 @@ def _quantize_tier(
             raise ValueError(tier.name)
         return target
 
-    evaluator = _evaluator(original, prepared, options, metric, samples, notes)
+    evaluator = _evaluator(prepared, options, metric, samples, notes)
     excluded = list(options.exclude_nodes)
     try:
         candidate = make(excluded)
@@ -641,7 +642,7 @@ def _calibrate(model, prepared, options, op_types, sources, reader_factory, tmp,
     return cache_path
 
 
-def _evaluator(original, prepared: Path, options, metric: metrics.Metric, samples, notes):
+def _evaluator(prepared: Path, options, metric: metrics.Metric, samples, notes):
     """The LM guard for ``perplexity``, else the metric over the decision data."""
     if not metric.from_feeds:
         text = samples.text[0] if samples.text else None

@@ -62,7 +62,8 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
 
 def _dim(d: object) -> Dim:
     if isinstance(d, int):
-        return d
+        # Paddle and some converters write -1 (or 0) for "any size": dynamic, like a dim_param.
+        return d if d > 0 else None
     value = getattr(d, "value", None)
     return value if isinstance(value, (int, str)) and value != "" else None
 
@@ -113,21 +114,21 @@ def _apply_overrides(
     return fixed
 
 
-def _symbol_sizes(spec: InputSpec, axis: int, dim: Dim) -> tuple[int, int]:
-    """Two sizes for a dynamic dimension, chosen by what the dimension probably is."""
+def dynamic_dim_sizes(spec: InputSpec, axis: int, dim: Dim) -> tuple[str, tuple[int, int]]:
+    """``(kind, two sizes)`` for a dynamic dimension, by what the dimension probably is."""
     name = dim if isinstance(dim, str) else ""
     rank = len(spec.shape or ())
     if _BATCH_HINT.search(name) or (not name and axis == 0):
-        return BATCH_SIZES
+        return "batch", BATCH_SIZES
     if _SEQUENCE_HINT.search(name):
-        return SEQUENCE_SIZES
+        return "sequence", SEQUENCE_SIZES
     if np.issubdtype(spec.dtype, np.floating) and rank == 4 and axis >= 2:
-        return SPATIAL_SIZES
+        return "spatial", SPATIAL_SIZES
     if rank >= 2 and axis == 1 and not np.issubdtype(spec.dtype, np.floating):
-        return SEQUENCE_SIZES  # [batch, seq] integer ids with anonymous dims
+        return "sequence", SEQUENCE_SIZES  # [batch, seq] integer ids with anonymous dims
     if rank == 3 and axis == 1:
-        return SEQUENCE_SIZES
-    return OTHER_SIZES
+        return "sequence", SEQUENCE_SIZES
+    return "other", OTHER_SIZES
 
 
 def _symbol_key(spec: InputSpec, axis: int, dim: Dim) -> str:
@@ -218,14 +219,40 @@ def _dim_size(symbol: str, chosen: dict[str, int]) -> int:
     return sum(int(t) if t.isdigit() else chosen.get(t, 1) for t in terms)
 
 
+def _mask_spans_past(specs: list[InputSpec], chosen: dict[str, int]) -> None:
+    """Size a 2-D mask's own length symbol as past + new tokens (a decoder with past whose
+    exporter named the mask's length apart from both, so no sum in the name says so)."""
+    ids = next((s for s in specs if "input_ids" in s.name and len(s.shape or ()) == 2), None)
+    past = next((s for s in specs if "past" in s.name.lower() and len(s.shape or ()) == 4), None)
+    if ids is None or past is None:
+        return
+    total = sum(
+        chosen.get(_symbol_key(spec, axis, spec.shape[axis]), 1)
+        if not isinstance(spec.shape[axis], int)
+        else spec.shape[axis]
+        for spec, axis in ((ids, 1), (past, 2))
+    )
+    for spec in specs:
+        if "mask" in spec.name.lower() and len(spec.shape or ()) == 2:
+            dim = spec.shape[1]
+            if not isinstance(dim, int) and not _sum_terms(_symbol_key(spec, 1, dim)):
+                chosen[_symbol_key(spec, 1, dim)] = total
+
+
 def generate_input_sets(
     model: ir.Model,
     overrides: dict[str, tuple[int, ...]] | None = None,
     *,
     seed: int = 0,
     num_sets: int = 2,
+    scale: int = 1,
+    mask_spans_past: bool = False,
 ) -> list[Feeds]:
-    """Input sets for ``model``: set ``k`` takes the ``k``-th size of every dynamic dim."""
+    """Input sets for ``model``: set ``k`` takes the ``k``-th size of every dynamic dim.
+
+    ``scale`` multiplies the sizes of dynamic dims other than batch and image sides (for a
+    model that needs longer inputs than the defaults: a reflect pad, a strided audio front
+    end); ``mask_spans_past`` sizes a decoder's mask as past + new tokens."""
     specs = _apply_overrides(input_specs(model), overrides or {})
     bounds = _integer_bounds(model)
     rng = np.random.default_rng(seed)
@@ -235,12 +262,14 @@ def generate_input_sets(
             key = _symbol_key(spec, axis, dim)
             if isinstance(dim, int) or key in sizes or _sum_terms(key):
                 continue
-            pair = _symbol_sizes(spec, axis, dim)
+            kind, pair = dynamic_dim_sizes(spec, axis, dim)
             # Distinct spatial symbols take the sizes in alternating order, so H and W differ
             # within a set (a pass that confuses them is caught). Not batch or sequence:
             # anonymous ones on different inputs often must agree.
-            if pair == SPATIAL_SIZES and sum(p in (pair, pair[::-1]) for p in sizes.values()) % 2:
+            if kind == "spatial" and sum(p in (pair, pair[::-1]) for p in sizes.values()) % 2:
                 pair = pair[::-1]
+            if kind in ("sequence", "other"):
+                pair = (pair[0] * scale, pair[1] * scale)
             sizes[key] = pair
     sets = []
     for k in range(num_sets):
@@ -250,6 +279,8 @@ def generate_input_sets(
                 shape: tuple[int, ...] = (BATCH_SIZES[k % 2],)
             else:
                 chosen = {key: pair[k % 2] for key, pair in sizes.items()}
+                if mask_spans_past:
+                    _mask_spans_past(specs, chosen)
                 shape = tuple(
                     d if isinstance(d, int) else _dim_size(_symbol_key(spec, a, d), chosen)
                     for a, d in enumerate(spec.shape)
