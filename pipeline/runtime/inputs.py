@@ -62,8 +62,9 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
 
 def _dim(d: object) -> Dim:
     if isinstance(d, int):
-        # Paddle and some converters write -1 (or 0) for "any size": dynamic, like a dim_param.
-        return d if d > 0 else None
+        # Paddle and some converters write -1 for "any size": dynamic, like a dim_param (as
+        # ONNX Runtime reads it). 0 stays a size: an empty tensor, which ONNX Runtime enforces.
+        return d if d >= 0 else None
     value = getattr(d, "value", None)
     return value if isinstance(value, (int, str)) and value != "" else None
 
