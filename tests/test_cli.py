@@ -1,6 +1,7 @@
 """The CLI end to end, as a subprocess: success paths, reports, idempotence.
 
-Bad input (every row of the README's "What bad input gets" table) is in test_bad_inputs.py.
+Bad input (every row of docs/bad-inputs.md) is in test_bad_inputs.py; reports, help and the
+console's stderr in test_reports.py.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def test_success_writes_model_and_report(small_model: Path, tmp_path: Path) -> N
     assert report["parity"]["passed"] is True
     assert report["output_model"]["nodes"] < report["input_model"]["nodes"]
     # Applications that changed the model are listed in full, the others collapsed by name.
-    assert {p["name"] for p in report["passes"]} == {"lift_constants", "remove_noops", "remove_dead"}
+    changed = {p["name"] for p in report["passes"]}
+    assert changed == {"lift_constants", "remove_noops", "remove_dead"}
     assert all(p["modified"] for p in report["passes"])
     idle = {row["name"]: row["runs"] for row in report["passes_unchanged"]}
     assert idle["fold_constants"] >= 1 and "lift_constants" in idle  # its second, idle run

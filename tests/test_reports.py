@@ -195,6 +195,16 @@ def test_a_successful_run_on_a_pipe_has_no_colour_codes(three_reports) -> None:
     assert len(passes) == 3 and all(re.search(r" \d+ ms$", line) for line in passes), stderr
 
 
+def test_the_live_progress_line_shows_only_when_asked_on_a_pipe(tmp_path: Path) -> None:
+    model = _save(SMALL_MODEL, tmp_path / "small.onnx")
+    asked = run_cli(model, "-o", tmp_path / "a.onnx", "--progress")
+    assert asked.returncode == 0 and ANSI.search(asked.stderr)
+    assert re.search(r"0:00:\d\d", asked.stderr)  # the elapsed-time column of the live line
+    quiet = run_cli(model, "-o", tmp_path / "b.onnx", "--progress", "-q")
+    assert quiet.returncode == 0 and not ANSI.search(quiet.stderr)  # -q wins
+    assert "> load" not in quiet.stderr
+
+
 def test_a_warning_logged_and_reported_is_printed_once_on_one_line(tmp_path: Path) -> None:
     # fp16 on CPU: the quantize stage logs its warning and puts it in the report's notes.
     model = tmp_path / "mlp.onnx"
