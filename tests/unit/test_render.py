@@ -203,3 +203,33 @@ def test_warning_log_keeps_one_line_per_warning() -> None:
         logging.captureWarnings(False)
         root.removeHandler(log)
     assert log.lines == ["first second line", "UserWarning: a library says so"]
+
+
+def test_each_stage_checks_its_own_model_and_the_provider_says_why(report: Report) -> None:
+    data = report.to_dict()
+    data["status"] = "ok"
+    data["parity"] = {"passed": True, "sets": 2, "summary": "", "outputs": []}
+    data["quantization"] = {
+        "precision": "int8-dynamic",
+        "metric": "cosine",
+        "final_check": {"passed": True, "summary": "mean cosine 0.9990", "max_drop": 0.01},
+    }
+    data["provider"] = {
+        "requested": ["tensorrt", "cuda", "cpu"],
+        "resolved": "cuda",
+        "fallback": False,
+        "reason": "the first that works here; skipped tensorrt: no libnvinfer",
+        "check": {"ran": True, "passed": False, "summary": "'y' differs on cuda"},
+    }
+    checks = summarize(data)["checks"]
+    assert [(c["stage"], c["passed"]) for c in checks] == [
+        ("graph passes (fp32)", True),
+        ("int8-dynamic vs fp32", True),
+        ("on cuda", False),
+    ]
+    assert checks[1]["words"].startswith("within budget (cosine drop <= 0.01): mean cosine")
+    assert summarize(data)["provider"] == (
+        "cuda: the first that works here; skipped tensorrt: no libnvinfer"
+    )
+    data["provider"] = {"requested": ["cpu"], "resolved": "cpu", "fallback": False}
+    assert summarize(data)["provider"] == "cpu"
