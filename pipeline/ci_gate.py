@@ -546,10 +546,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--tiny", action="store_true", help="export tiny zoo variants")
     parser.add_argument(
-        "--executor",
-        choices=("local", "ray"),
-        default="local",
-        help="where exports run: local worker processes or a Ray cluster",
+        "--executor", choices=("local", "ray"), default="local", help="where exports run"
     )
     parser.add_argument("--address", help="Ray cluster address (with --executor ray)")
     parser.add_argument(
