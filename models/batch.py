@@ -631,17 +631,30 @@ def exit_code(manifest: dict) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="zoo models: " + ", ".join(known_models()),
+    )
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--all", action="store_true", help="every model of the zoo")
-    which.add_argument("--models", help="comma-separated zoo model names")
+    which.add_argument("--models", help="comma-separated zoo model names (listed below)")
     parser.add_argument("--folders", nargs="+", default=[], help="local Hugging Face folders")
     parser.add_argument("--out", default=str(ROOT / "artifacts" / "zoo"), help="output folder")
     parser.add_argument("--exporter", help="torch-legacy | torch-dynamo | optimum")
-    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
     parser.add_argument("--tiny", action="store_true", help="few-layer models (seconds each)")
-    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--executor", choices=("local", "ray"), default="local")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="worker processes (default: 2, or 1 on a one-core machine)",
+    )
+    parser.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="where exports run: local worker processes or a Ray cluster",
+    )
     parser.add_argument("--address", help="Ray cluster address (with --executor ray)")
     parser.add_argument("--force", action="store_true", help="re-export even when up to date")
     args = parser.parse_args(argv)

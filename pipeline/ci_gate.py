@@ -63,6 +63,7 @@ from graph_passes.base import GraphPass
 from graph_passes.registry import REGISTRY
 from graph_passes.testing.helpers import AddToSub
 from pipeline.recipe import Recipe, load_recipe
+from pipeline.render import markdown
 from pipeline.report import Report, versions, write_report
 from pipeline.run import RunOptions, run
 from pipeline.runtime.atomic_write import write_text_atomic
@@ -503,6 +504,23 @@ def render_summary(
     return "\n".join(lines) + "\n"
 
 
+def render_details(rows: list[dict]) -> str:
+    """Each result's own report, folded, in the Markdown ``--report r.md`` writes."""
+    parts = []
+    for row in rows:
+        if not row.get("report"):
+            continue
+        data = json.loads(Path(row["report"]).read_text(encoding="utf-8"))
+        parts += [
+            f"<details><summary>{row['model']} / {row['recipe']}: {row['status']}</summary>",
+            "",
+            markdown.render(data, level=4),
+            "</details>",
+            "",
+        ]
+    return "\n".join(["", "### Reports", "", *parts]) if parts else ""
+
+
 # --------------------------------------------------------------------------------------
 # main
 
@@ -513,24 +531,46 @@ def gate_recipes(recipes: list[Recipe], time_kernels: bool) -> list[Recipe]:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from models.batch import known_models
+
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="zoo models: " + ", ".join(known_models()),
+    )
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--models", help="comma-separated zoo models (default: the whole zoo)")
     which.add_argument("--manifest", type=Path, help="an existing batch_export manifest.json")
     which.add_argument(
         "--kinds",
-        help=f"models/kinds.py builders instead of the zoo ('all' = {','.join(KIND_NAMES)})",
+        help=f"models/kinds.py builders instead of the zoo ('all' = {', '.join(KIND_NAMES)})",
     )
     parser.add_argument("--tiny", action="store_true", help="export tiny zoo variants")
     parser.add_argument(
         "--executor", choices=("local", "ray"), default="local", help="where exports run"
     )
     parser.add_argument("--address", help="Ray cluster address (with --executor ray)")
-    parser.add_argument("--recipes", default="default", help="comma-separated recipes")
-    parser.add_argument("--baseline", type=Path, default=ROOT / "docs" / "baseline.json")
-    parser.add_argument("--update-baseline", action="store_true")
+    parser.add_argument(
+        "--recipes", default="default", help="comma-separated recipes (default: default)"
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=ROOT / "docs" / "baseline.json",
+        help="the figures results are gated against (default: docs/baseline.json)",
+    )
+    parser.add_argument(
+        "--update-baseline",
+        action="store_true",
+        help="write this run's results as the new baseline instead of gating against it",
+    )
     parser.add_argument("--summary", type=Path, help="write the Markdown summary here")
-    parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "ci")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "artifacts" / "ci",
+        help="folder for exports, optimized models, reports, results.json and summary.md "
+        "(default: artifacts/ci)",
+    )
     parser.add_argument(
         "--inject-broken-pass",
         metavar="NAME",
@@ -541,7 +581,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="keep the recipe's kernel timing (default: off, so the gate is deterministic)",
     )
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
     return parser.parse_args(argv)
 
 
@@ -647,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
     }
     _write_json(out / "results.json", results)
-    summary = render_summary(rows, verdicts, notes, title)
+    summary = render_summary(rows, verdicts, notes, title) + render_details(rows)
     (out / "summary.md").write_text(summary, encoding="utf-8")
     if args.summary is not None:
         args.summary.parent.mkdir(parents=True, exist_ok=True)

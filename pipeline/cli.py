@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
 from pipeline.pass_manager import PassRecord
 from pipeline.providers import (
@@ -24,7 +24,10 @@ from pipeline.providers import (
     required_target,
 )
 from pipeline.recipe import Recipe
-from pipeline.report import Report, check_report_path, write_report
+from pipeline.render import console as render_console
+from pipeline.render.live import LiveProgress
+from pipeline.report import Report, check_report_paths, write_reports
+from pipeline.runtime import sessions
 from pipeline.runtime.compare import Tolerance
 from pipeline.runtime.errors import (
     EXIT_BAD_INPUT,
@@ -34,7 +37,8 @@ from pipeline.runtime.errors import (
 )
 
 console = Console(stderr=True)
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+# Click's plain help: whole option names at 80 columns (rich's panels cut them).
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -108,126 +112,172 @@ def _quantize_options(provider: str, **fields):
 
 
 class ConsoleListener:
-    """Prints each stage and each pass application as it happens."""
+    """Prints each stage and each pass application as it happens, and moves the live
+    progress line when there is one."""
 
-    def __init__(self, quiet: bool) -> None:
+    def __init__(self, quiet: bool, live: LiveProgress | None) -> None:
         self.quiet = quiet
+        self.live = live
+        self._header = False
 
     def stage(self, name: str) -> None:
+        if self.live is not None:
+            self.live.stage(name)
         if not self.quiet:
-            console.print(f"[bold cyan]>[/] {name}")
+            console.print(f"[bold cyan]>[/] {escape(name)}", soft_wrap=True)
 
     def record(self, record: PassRecord) -> None:
         if self.quiet or not (record.modified or record.verification == "rolled_back"):
             return
+        if not self._header:  # 78 columns, as the lines below
+            console.print(
+                f"[dim]  {'check':<11} {'pass':<31} {'nodes':^16} {'matches':>7} {'time':>7}[/]",
+                soft_wrap=True,
+            )
+            self._header = True
         colour = {"passed": "green", "rolled_back": "red"}.get(record.verification, "yellow")
         console.print(
-            f"  [{colour}]{record.verification:<11}[/] {record.name:<32} "
-            f"nodes {record.nodes_before} -> {record.nodes_after}  "
-            f"matches {record.matches}  {record.seconds * 1e3:.0f} ms"
-            + (f"\n    [red]{record.reason}[/]" if record.reason else "")
+            f"  [{colour}]{record.verification:<11}[/] {record.name:<31} "
+            f"{record.nodes_before:>6} -> {record.nodes_after:<6} {record.matches:>7} "
+            f"{record.seconds * 1e3:>4.0f} ms"
+            + (f"\n    [red]{escape(record.reason)}[/]" if record.reason else ""),
+            soft_wrap=True,
         )
 
 
-def _summary(report: Report) -> Table:
-    table = Table(title="optimization summary", show_header=True, header_style="bold")
-    table.add_column("")
-    table.add_column("original", justify="right")
-    table.add_column("optimized", justify="right")
-    before, after = report.input_model, report.output_model
-    table.add_row("nodes", str(before.nodes), str(after.nodes))
-    table.add_row("initializers", str(before.initializers), str(after.initializers))
-    table.add_row(
-        "file size (MB)", f"{before.size_bytes / 1e6:.2f}", f"{after.size_bytes / 1e6:.2f}"
-    )
-    if report.latency:
-        lat = report.latency
-        table.add_row(
-            "latency (ms, median)",
-            f"{lat['median_ms_original']:.3f}",
-            f"{lat['median_ms_optimized']:.3f}  ({lat['ratio']:.2f}x ±{lat['noise']:.2f})",
-        )
-    if report.quantization:
-        check = report.quantization.get("final_check") or {}
-        table.add_row("precision", "fp32", f"{report.quantization['precision']}")
-        table.add_row("accuracy", "", check.get("summary", ""))
-    if report.parity:
-        worst = max((o["max_abs_error"] or 0.0 for o in report.parity["outputs"]), default=0.0)
-        table.add_row(
-            "parity",
-            "",
-            f"{'pass' if report.parity['passed'] else 'FAIL'} (max abs err {worst:.2e})",
-        )
-    if report.provider:
-        fallback = " (fallback)" if report.provider["fallback"] else ""
-        table.add_row("provider", "", f"{report.provider['resolved']}{fallback}")
-    return table
+class WarningLog(logging.Handler):
+    """Warnings logged during the run (by this project or a library, Python ``warnings``
+    included), kept to be printed once, one line each, with the report's own warnings:
+    several modules log a warning they also put in the report."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage().strip()
+        if record.name == "py.warnings":  # "file:line: Category: message\n  source line"
+            text = text.splitlines()[0].split(": ", 1)[-1] if text else text
+        self.lines.append(" ".join(text.split()))
 
 
-def _candidates(report: Report) -> Table | None:
-    """``--precision auto``'s measured candidates: what each kept, scored and cost."""
-    section = report.quantization or {}
-    rows = section.get("candidates") or []
-    if not rows:
+def _setup_logging(debug: bool) -> WarningLog | None:
+    """``--debug``: every log line as it comes, ONNX Runtime's own log included. Otherwise
+    warnings are collected (``WarningLog``) and ONNX Runtime's log is silenced: its error
+    lines repeat, with ANSI colours, what our one-line message says."""
+    sessions.silence_onnxruntime_log(not debug)
+    if debug:
+        logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
         return None
-    table = Table(
-        title=f"auto: candidates measured ({section.get('metric')}, budget "
-        f"{section.get('max_drop', 0):.4g} on the drop)",
-        header_style="bold",
-    )
-    for column in ("candidate", "float", "accuracy", "latency", "verdict"):
-        table.add_column(column, no_wrap=True)
-    for row in rows:
-        latency, noise = row.get("latency_ratio"), row.get("noise")
-        values = list((row.get("accuracy") or {}).values())
-        figures = " / ".join([f"{v:.4f}" for v in values[:1]] + [f"{v:.3f}" for v in values[1:]])
-        table.add_row(
-            row["precision"] + (" *" if row.get("chosen") else ""),
-            "" if row.get("kept_float") is None else str(row["kept_float"]),
-            figures if row["precision"] != "fp32" else "",
-            "" if latency is None else f"{latency:.2f}x" + (f"±{noise:.2f}" if noise else ""),
-            row.get("verdict", ""),
+    collected = WarningLog()
+    root = logging.getLogger()
+    root.setLevel(logging.WARNING)
+    root.addHandler(collected)
+    logging.captureWarnings(True)
+    return collected
+
+
+def _print_warnings(report: Report | None, logged: WarningLog | None) -> None:
+    lines = (report.warnings if report else []) + (logged.lines if logged else [])
+    for line in dict.fromkeys(lines):  # once each, in order
+        console.print(f"[yellow]warning:[/] {escape(line)}", soft_wrap=True)
+
+
+def _list_passes() -> None:
+    """The passes, those of the default recipe first in the order they run, with the first
+    paragraph of each docstring wrapped to 80 columns."""
+    import inspect
+    import textwrap
+
+    from graph_passes.registry import REGISTRY
+    from pipeline.recipe import bundled_recipe_names, load_recipe
+
+    def line(mark: str, name: str) -> str:
+        doc = inspect.getdoc(REGISTRY[name]) or ""
+        text = " ".join(doc.split("\n\n")[0].split()).replace("``", "")
+        head = f"{mark:>3} {name:<31} "
+        return (
+            textwrap.fill(text, 79, initial_indent=head, subsequent_indent=" " * len(head))
+            if text
+            else head.rstrip()
         )
-    table.caption = (
-        "* chosen. float: nodes kept float by the guard. accuracy (decision data): "
-        + " / ".join((next((r["accuracy"] for r in rows if r.get("accuracy")), {}) or {}).keys())
-        + "; latency = candidate time / fp32 time (< 1 is faster)"
-    )
-    return table
+
+    default = load_recipe("default").passes
+    typer.echo("Passes of the default recipe, in the order they run:")
+    for index, name in enumerate(default, 1):
+        typer.echo(line(str(index), name))
+    others = sorted(set(REGISTRY) - set(default))
+    if others:
+        typer.echo("Other passes (name them in --passes or a recipe file):")
+        for name in others:
+            typer.echo(line("", name))
+    typer.echo("Recipes: " + ", ".join(bundled_recipe_names()) + " (--recipe NAME or FILE.toml)")
 
 
-@app.command()
+# Click keeps the lines of a paragraph marked \b as written: each fits 78 columns.
+EPILOG = """\b
+Reports: --report r.json --report r.md --report r.html writes each
+format (the suffix picks it); every path is checked before any work.
+\b
+Providers: cpu, cuda (or gpu), tensorrt (or trt), auto (the first that
+works of tensorrt, cuda, cpu), or an ordered list: tensorrt,cuda,cpu.
+\b
+Benchmark: optimize.py bench BASE.onnx CANDIDATE.onnx [...] times models
+side by side (optimize.py bench --help).
+\b
+Exit codes: 0 ok, 1 verification failed, 2 bad input or usage,
+3 internal error."""
+
+
+@app.command(epilog=EPILOG)
 def optimize(
     model: Annotated[
-        Path | None, typer.Argument(help="Input .onnx model (never modified).")
+        Path | None, typer.Argument(metavar="MODEL", help="Input .onnx model (never modified).")
     ] = None,
     output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="Output path (default: IN.opt.onnx).")
+        Path | None,
+        typer.Option("-o", "--output", metavar="PATH", help="Output path (default: IN.opt.onnx)."),
     ] = None,
-    report: Annotated[Path | None, typer.Option(help="Write report.json here.")] = None,
-    recipe: Annotated[str, typer.Option(help="Bundled recipe name or a .toml file.")] = "default",
+    report: Annotated[
+        list[Path] | None,
+        typer.Option(
+            metavar="PATH",
+            help="Write the report here: .json, .md or .html by suffix (repeatable).",
+        ),
+    ] = None,
+    recipe: Annotated[
+        str, typer.Option(metavar="NAME|FILE", help="Bundled recipe name or a .toml file.")
+    ] = "default",
     passes: Annotated[
-        str | None, typer.Option(help="Comma-separated passes (replaces the recipe's list).")
+        str | None,
+        typer.Option(metavar="A,B", help="Passes to run (replaces the recipe's list)."),
     ] = None,
     skip_passes: Annotated[
-        str | None, typer.Option(help="Comma-separated passes to leave out.")
+        str | None, typer.Option(metavar="A,B", help="Passes to leave out.")
     ] = None,
     inputs: Annotated[
-        Path | None, typer.Option(help="Real input data: a .npz, or a folder of .npz/.npy.")
+        Path | None,
+        typer.Option(metavar="PATH", help="Real input data: a .npz, or a folder of .npz/.npy."),
     ] = None,
     input_shape: Annotated[
-        list[str] | None, typer.Option(help="Fix an input's shape: name=1,3,224,224 (repeatable).")
+        list[str] | None,
+        typer.Option(metavar="NAME=DIMS", help="Fix an input's shape: x=1,3,224,224 (repeatable)."),
     ] = None,
-    rtol: Annotated[float | None, typer.Option(help="Relative tolerance for parity.")] = None,
-    atol: Annotated[float | None, typer.Option(help="Absolute tolerance for parity.")] = None,
+    rtol: Annotated[
+        float | None, typer.Option(metavar="X", help="Relative tolerance for parity.")
+    ] = None,
+    atol: Annotated[
+        float | None, typer.Option(metavar="X", help="Absolute tolerance for parity.")
+    ] = None,
     output_tol: Annotated[
         list[str] | None,
-        typer.Option(help="Per-output tolerance: name=RTOL,ATOL (repeatable)."),
+        typer.Option(metavar="NAME=RTOL,ATOL", help="Tolerance for one output (repeatable)."),
     ] = None,
     verify: Annotated[
         str | None,
         typer.Option(
-            help="per-pass | end | auto (verify each pass, or once at the end and bisect)."
+            metavar="MODE",
+            help="per-pass | end | auto (verify each pass, or once at the end and bisect).",
         ),
     ] = None,
     speed_check: Annotated[
@@ -247,16 +297,21 @@ def optimize(
     target: Annotated[
         str | None,
         typer.Option(
+            metavar="TARGET",
             help="Where the model will run: cpu | cuda (ORT contrib ops where a kernel exists) "
-            "| portable (standard ONNX only, e.g. for TensorRT). Default: recipe."
+            "| portable (standard ONNX only, e.g. for TensorRT). Default: recipe.",
         ),
     ] = None,
     portable: Annotated[
-        bool, typer.Option(help="Same as --target portable: never emit com.microsoft ops.")
+        bool,
+        typer.Option("--portable", help="Same as --target portable: never emit com.microsoft ops."),
     ] = False,
     raise_opset: Annotated[
         int | None,
-        typer.Option(help="Raise the opset up to N when a standard fused op needs it (0: never)."),
+        typer.Option(
+            metavar="N",
+            help="Raise the opset up to N when a standard fused op needs it (0: never).",
+        ),
     ] = None,
     external_data: Annotated[
         bool | None,
@@ -268,161 +323,195 @@ def optimize(
     allow_unverified: Annotated[
         bool,
         typer.Option(
-            help="Optimize even when ONNX Runtime cannot run the model (checker-only verification)."
+            "--allow-unverified",
+            help="Optimize even when ONNX Runtime cannot run the model (checker-only "
+            "verification).",
         ),
     ] = False,
     keep_initializer_inputs: Annotated[
         bool,
-        typer.Option(help="Keep weights that old exporters also listed as graph inputs as inputs."),
+        typer.Option(
+            "--keep-initializer-inputs",
+            help="Keep weights that old exporters also listed as graph inputs as inputs.",
+        ),
     ] = False,
-    seed: Annotated[int, typer.Option(help="Seed for generated inputs.")] = 0,
+    seed: Annotated[int, typer.Option(metavar="N", help="Seed for generated inputs.")] = 0,
     provider: Annotated[
         str,
         typer.Option(
-            help="cpu | cuda | tensorrt | auto, or an ordered list (tensorrt,cuda,cpu). "
-            "Probed for real; one that does not work is an error unless --allow-fallback."
+            metavar="NAME[,NAME]",
+            help="cpu | cuda (or gpu) | tensorrt (or trt) | auto, or an ordered list "
+            "(tensorrt,cuda,cpu). Probed for real; one that does not work is an error unless "
+            "--allow-fallback.",
         ),
     ] = "cpu",
     allow_fallback: Annotated[
         bool,
-        typer.Option(help="Run on CPU when the requested provider does not work (reported)."),
+        typer.Option(
+            "--allow-fallback",
+            help="Run on CPU when the requested provider does not work (reported).",
+        ),
     ] = False,
     provider_option: Annotated[
         list[str] | None,
-        typer.Option(help="Provider option KEY=VALUE, e.g. trt_fp16_enable=1 (repeatable)."),
+        typer.Option(
+            metavar="KEY=VALUE", help="Provider option, e.g. trt_fp16_enable=1 (repeatable)."
+        ),
     ] = None,
     precision: Annotated[
         str,
         typer.Option(
+            metavar="TIER",
             help="fp32 | fp16 | int8-dynamic | int8-static | int8-weight-only | int4 | auto "
-            "(fastest tier within "
-            "the accuracy budget, measured)."
+            "(the fastest tier within the accuracy budget, measured).",
         ),
     ] = "fp32",
     calibration: Annotated[
         Path | None,
         typer.Option(
+            metavar="DIR",
             help="Real data: a folder of .npz/.npy input sets or .txt files (a sample per "
             "line). It calibrates int8-static and decides the guard; about 1 item in 4 (by "
-            "content hash) is held out for the final check."
+            "content hash) is held out for the final check.",
         ),
     ] = None,
     evaluation: Annotated[
         Path | None,
-        typer.Option(help="Held-out data for the final check (then --calibration is not split)."),
+        typer.Option(
+            metavar="DIR",
+            help="Held-out data for the final check (then --calibration is not split).",
+        ),
     ] = None,
     tokenizer: Annotated[
         Path | None,
         typer.Option(
-            help="tokenizer.json for .txt data and the LM guard (default: beside the model)."
+            metavar="FILE",
+            help="tokenizer.json for .txt data and the LM guard (default: beside the model).",
         ),
     ] = None,
     metric: Annotated[
         str,
         typer.Option(
+            metavar="NAME",
             help="What the budget is measured on: cosine | pooled-cosine (sentence "
             "embeddings) | top1 | perplexity (causal LM) | MODULE:FUNCTION (your scorer, "
-            "returns a loss). auto: perplexity for a causal LM with a tokenizer, else cosine."
+            "returns a loss). auto: perplexity for a causal LM with a tokenizer, else cosine.",
         ),
     ] = "auto",
     calibration_method: Annotated[
-        str, typer.Option(help="minmax | entropy | percentile (int8-static).")
+        str,
+        typer.Option(metavar="NAME", help="minmax | entropy | percentile (int8-static)."),
     ] = "minmax",
     max_drop: Annotated[
         float | None,
         typer.Option(
             "--max-drop",
             "--max-cosine-drop",
+            metavar="X",
             help="Accuracy budget on --metric: 1 - similarity (cosine, pooled-cosine, top1), "
             "the relative perplexity increase, or a plug-in's loss (default per tier: fp16 "
-            "0.001, int8 0.01, int4 0.02; perplexity --max-perplexity-increase).",
+            "0.001, int8 0.01, int4 0.02; perplexity: --max-perplexity-increase).",
         ),
     ] = None,
     exclude_nodes: Annotated[
-        str | None, typer.Option(help="Comma-separated node names never quantized.")
+        str | None, typer.Option(metavar="A,B", help="Node names never quantized.")
     ] = None,
     min_neighbour_agreement: Annotated[
         float,
         typer.Option(
+            metavar="X",
             help="--metric pooled-cosine: share of samples whose nearest other sample must "
-            "stay the same (0 turns it off)."
+            "stay the same (0 turns it off).",
         ),
     ] = 0.95,
     smooth_alpha: Annotated[
         float | None,
         typer.Option(
+            metavar="X",
             help="int8: SmoothQuant strength in (0, 1), e.g. 0.5 (needs --calibration); auto "
-            "tries 0.5 by itself."
+            "tries 0.5 by itself.",
         ),
     ] = None,
-    int4_block_size: Annotated[int, typer.Option(help="int4 MatMulNBits block size.")] = 32,
+    int4_block_size: Annotated[
+        int, typer.Option(metavar="N", help="int4 MatMulNBits block size.")
+    ] = 32,
     int4_algorithm: Annotated[
         str,
         typer.Option(
-            help="affine (float block offsets kept, see int4_affine) | rtn | hqq | gptq (int4)."
+            metavar="NAME",
+            help="affine (float block offsets kept, see int4_affine) | rtn | hqq | gptq (int4).",
         ),
     ] = "affine",
     max_perplexity_increase: Annotated[
         float,
         typer.Option(
+            metavar="X",
             help="LM guard (a causal LM with tokenizer.json beside it): perplexity on real "
-            "text may grow by this fraction."
+            "text may grow by this fraction.",
         ),
     ] = 0.05,
     min_top1: Annotated[
         float,
-        typer.Option(help="LM guard: share of positions where the greedy next token agrees."),
+        typer.Option(
+            metavar="X", help="LM guard: share of positions where the greedy next token agrees."
+        ),
     ] = 0.90,
     list_passes: Annotated[
-        bool, typer.Option(help="List registered passes and recipes, then exit.")
+        bool,
+        typer.Option(
+            "--list-passes", help="List the passes (default recipe marked) and recipes, then exit."
+        ),
     ] = False,
-    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print only the summary.")] = False,
-    debug: Annotated[bool, typer.Option(help="Show tracebacks and debug logs.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("-q", "--quiet", help="Print only the summary and warnings.")
+    ] = False,
+    live: Annotated[
+        bool | None,
+        typer.Option(
+            "--progress/--no-progress",
+            help="A live progress line for long stages (default: on a terminal, unless -q).",
+        ),
+    ] = None,
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", help="Show tracebacks, debug logs and ONNX Runtime's own log."),
+    ] = False,
 ) -> None:
     """Optimize an ONNX model with verified graph passes.
 
-    Exit codes: 0 ok, 1 verification failed, 2 bad input or usage, 3 internal error.
+    Every pass is checked against the original model's outputs; a pass that breaks them is
+    rolled back. The result is written only when it is as correct as the original and not
+    slower.
     """
-    from graph_passes.registry import FUSIONS_GROUP, REGISTRY, default_fusions
-    from pipeline.recipe import bundled_recipe_names, load_recipe
-    from pipeline.run import RunOptions, run
-    from pipeline.runtime import inputs as inputs_mod
-
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s"
-    )
     if list_passes:
-        for name, cls in sorted(REGISTRY.items()):
-            doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-            typer.echo(f"{name:<34} {doc}")
-        typer.echo(f"{FUSIONS_GROUP} (recipe entry): " + ", ".join(default_fusions()))
-        typer.echo("recipes: " + ", ".join(bundled_recipe_names()))
+        _list_passes()
         raise typer.Exit(0)
+    logged = _setup_logging(debug)
+    reports = list(report or [])
     sink: list[Report] = []
     code = 0
     try:
         if model is None:
             raise UserError("missing input model: optimize.py IN.onnx -o OUT.onnx")
-        if report is not None:
-            check_report_path(report)
-        chosen = load_recipe(recipe).with_overrides(
-            passes=_split(passes),
-            skip_passes=_split(skip_passes),
+        output_path = output or model.with_name(model.stem + ".opt.onnx")
+        check_report_paths(reports, (model, output_path))
+        options = _run_options(
+            model,
+            output_path,
+            recipe=recipe,
+            passes=passes,
+            skip_passes=skip_passes,
             rtol=rtol,
             atol=atol,
-            verify_mode=verify,
+            verify=verify,
             speed_check=speed_check,
             time_kernels=time_kernels,
-            target=_pick_target(target, portable),
-            raise_opset_to=raise_opset,
-        )
-        options = RunOptions(
-            input_path=model,
-            output_path=output or model.with_name(model.stem + ".opt.onnx"),
-            recipe=chosen,
-            inputs_path=inputs,
-            input_shapes=inputs_mod.parse_shape_overrides(input_shape),
-            output_tolerances=_parse_output_tolerances(output_tol, chosen),
+            target=target,
+            portable=portable,
+            raise_opset=raise_opset,
+            inputs=inputs,
+            input_shape=input_shape,
+            output_tol=output_tol,
             external_data=external_data,
             allow_unverified=allow_unverified,
             keep_initializer_inputs=keep_initializer_inputs,
@@ -445,22 +534,27 @@ def optimize(
                 lm_budget=(max_perplexity_increase, min_top1),
             ),
         )
-        result = run(options, sink, ConsoleListener(quiet))
-        candidates = _candidates(result)
-        if candidates is not None:
-            console.print(candidates)
-        console.print(_summary(result))
-        for warning in result.warnings:
-            console.print(f"[yellow]warning:[/] {warning}")
+        result = _run_with_display(options, sink, quiet, live)
+        data = result.to_dict()
+        table = render_console.candidates(data)
+        if table is not None:
+            console.print(table)
+        console.print(render_console.summary(data))
+        _print_warnings(result, logged)
         for name, reason in result.rolled_back.items():
-            console.print(f"[red]rolled back:[/] {name}: {reason}")
-        console.print(f"[green]wrote[/] {options.output_path}")
+            console.print(f"[red]rolled back:[/] {name}: {escape(reason)}", soft_wrap=True)
+        console.print(
+            f"[green]wrote[/] {escape(str(options.output_path))} "
+            f"({result.seconds.get('total', 0.0):.1f} s)",
+            soft_wrap=True,
+        )
     except (UserError, VerificationFailed) as exc:
         if debug:
             console.print_exception()
         code = exc.exit_code
+        _print_warnings(sink[0] if sink else None, logged)
         label = "error" if code == EXIT_BAD_INPUT else "verification failed"
-        console.print(f"[red]{label}:[/] {exc}", soft_wrap=True)
+        console.print(f"[red]{label}:[/] {escape(str(exc))}", soft_wrap=True)
         if sink:
             sink[0].status = "error" if code == EXIT_BAD_INPUT else "verification_failed"
             sink[0].exit_code, sink[0].message = code, str(exc)
@@ -468,16 +562,67 @@ def optimize(
         if debug:
             console.print_exception()
         code = EXIT_INTERNAL_ERROR
-        console.print(f"[red]internal error:[/] {type(exc).__name__}: {exc} (re-run with --debug)")
+        console.print(
+            f"[red]internal error:[/] {type(exc).__name__}: {escape(str(exc))} "
+            "(re-run with --debug)",
+            soft_wrap=True,
+        )
         if sink:
             sink[0].status, sink[0].exit_code, sink[0].message = "error", code, str(exc)
-    if report is not None and sink:
+    if reports and sink:
         try:
-            write_report(sink[0], report)
+            write_reports(sink[0], reports)
+            console.print("report: " + ", ".join(escape(str(p)) for p in reports), soft_wrap=True)
         except UserError as exc:
-            console.print(f"[red]error:[/] {exc}")
+            console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
             code = code or EXIT_BAD_INPUT
     raise typer.Exit(code)
+
+
+def _run_options(model: Path, output_path: Path, **given):
+    """The RunOptions for ``pipeline.run``, every value validated (UserError otherwise)."""
+    from pipeline.recipe import load_recipe
+    from pipeline.run import RunOptions
+    from pipeline.runtime import inputs as inputs_mod
+
+    chosen = load_recipe(given["recipe"]).with_overrides(
+        passes=_split(given["passes"]),
+        skip_passes=_split(given["skip_passes"]),
+        rtol=given["rtol"],
+        atol=given["atol"],
+        verify_mode=given["verify"],
+        speed_check=given["speed_check"],
+        time_kernels=given["time_kernels"],
+        target=_pick_target(given["target"], given["portable"]),
+        raise_opset_to=given["raise_opset"],
+    )
+    return RunOptions(
+        input_path=model,
+        output_path=output_path,
+        recipe=chosen,
+        inputs_path=given["inputs"],
+        input_shapes=inputs_mod.parse_shape_overrides(given["input_shape"]),
+        output_tolerances=_parse_output_tolerances(given["output_tol"], chosen),
+        external_data=given["external_data"],
+        allow_unverified=given["allow_unverified"],
+        keep_initializer_inputs=given["keep_initializer_inputs"],
+        seed=given["seed"],
+        provider=given["provider"],
+        quantize=given["quantize"],
+    )
+
+
+def _run_with_display(options, sink: list[Report], quiet: bool, live: bool | None) -> Report:
+    """``pipeline.run`` with the stage log and, on a terminal (or when asked), the live
+    progress line; ``-q`` shows neither."""
+    from pipeline.run import run
+
+    if quiet or not (console.is_terminal if live is None else live):
+        return run(options, sink, ConsoleListener(quiet, None))
+    # Asked for on a pipe: the live line needs a terminal's control codes, so it gets them.
+    screen = console if console.is_terminal else Console(stderr=True, force_terminal=True)
+    with LiveProgress(screen) as progress_line:
+        return run(options, sink, ConsoleListener(quiet, progress_line))
 
 
 def main() -> None:

@@ -1,14 +1,19 @@
-"""The run report: one dataclass, written as ``report.json`` (schema documented in README).
+"""The run report: one dataclass, written as report.json, Markdown or HTML (``--report``).
 
 ``SCHEMA_VERSION`` changes whenever a field is renamed or removed or changes meaning; new
-fields may be added without a bump. Readers should check it.
+fields may be added without a bump. Readers should check it. The schema is documented in
+docs/report.md.
+
+report.json opens with what a person looks for (``status``, then ``summary``: the words
+``pipeline.summary`` makes, which the console and the other formats show too) and ends with
+the details (the recipe, each pass application). Applications that changed nothing are
+collapsed into ``passes_unchanged``; in the fixed-point loop most applications are those.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +26,42 @@ import onnxruntime
 import pipeline
 from pipeline.load import file_sha256, referenced_data_files, tensor_bytes
 from pipeline.pass_manager import count_nodes
-from pipeline.runtime.atomic_write import write_text_atomic
+from pipeline.render import html, json_text, markdown
+from pipeline.runtime.atomic_write import check_writable_folder, write_text_atomic
 from pipeline.runtime.compare import to_jsonable
 from pipeline.runtime.errors import UserError
+from pipeline.summary import summarize
 
-SCHEMA_VERSION = "1.0"
+# 2.0: keys reordered (status and summary first), "summary" added, "passes" holds only the
+# applications that changed the model or were rolled back, the rest are "passes_unchanged".
+SCHEMA_VERSION = "2.0"
+
+# report.json's key order: what a person reads first, then the evidence, then the recipe and
+# per-pass details. A field missing here is written after these, never dropped.
+JSON_ORDER = (
+    "status",
+    "exit_code",
+    "message",
+    "summary",
+    "warnings",
+    "schema_version",
+    "versions",
+    "input_model",
+    "output_model",
+    "inputs",
+    "parity",
+    "latency",
+    "quantization",
+    "provider",
+    "fusions",
+    "kernel_timing",
+    "seconds",
+    "recipe",
+    "iterations",
+    "rolled_back",
+    "passes",
+    "passes_unchanged",
+)
 
 
 @dataclass
@@ -121,22 +157,71 @@ class Report:
     versions: dict[str, str] = field(default_factory=versions)
 
     def to_dict(self) -> dict:
-        return to_jsonable(dataclasses.asdict(self))
+        """The report.json content, in ``JSON_ORDER``."""
+        raw = to_jsonable(dataclasses.asdict(self))
+        raw["summary"] = summarize(raw)
+        raw["passes"], raw["passes_unchanged"] = _collapse(raw["passes"])
+        ordered = {key: raw.pop(key) for key in JSON_ORDER}
+        return ordered | raw
 
 
-def check_report_path(path: Path) -> None:
-    """Fail before the run, not after it: ``--report`` must name a file in an existing folder."""
-    folder = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise UserError(f"--report path is a directory: {path}")
-    if not folder.is_dir():
-        raise UserError(f"--report folder does not exist: {folder}")
+def _collapse(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(applications that changed the model or failed, one ``{name, runs, seconds}`` row per
+    pass for those that found nothing to do)."""
+    kept, idle = [], {}
+    for record in records:
+        if record["modified"] or record["verification"] in ("rolled_back", "failed"):
+            kept.append(record)
+            continue
+        row = idle.setdefault(record["name"], {"name": record["name"], "runs": 0, "seconds": 0.0})
+        row["runs"] += 1
+        row["seconds"] += record["seconds"]
+    return kept, list(idle.values())
+
+
+# --report PATH: the file's suffix picks the format.
+RENDERERS = {".json": json_text.render, ".md": markdown.render, ".html": html.render}
+
+
+def check_report_paths(paths: list[Path], model_paths: tuple[Path, ...] = ()) -> None:
+    """Fail before the run, not after it: each ``--report`` names a file of a known format
+    in an existing, writable folder, none twice, and none is one of the model paths."""
+    seen: set[Path] = set()
+    protected = {p.resolve() for p in model_paths}
+    for path in paths:
+        if path.is_dir():
+            raise UserError(f"--report path is a directory: {path}")
+        if path.suffix.lower() not in RENDERERS:
+            raise UserError(
+                f"--report {path}: unknown format '{path.suffix}'; the suffix picks it: "
+                + ", ".join(RENDERERS)
+            )
+        folder = path.parent if str(path.parent) else Path(".")
+        if not folder.is_dir():
+            raise UserError(f"--report folder does not exist: {folder}")
+        resolved = path.resolve()
+        if resolved in protected:
+            raise UserError(f"--report path is a model path: {path}")
+        if resolved in seen:
+            raise UserError(f"--report names {path} twice")
+        seen.add(resolved)
+        try:
+            check_writable_folder(folder)
+        except OSError as exc:
+            raise UserError(f"cannot write --report to {folder}: {exc.strerror or exc}") from exc
+
+
+def write_reports(report: Report, paths: list[Path]) -> None:
+    """Write the report in each path's format, each file atomically."""
+    data = report.to_dict()
+    for path in paths:
+        text = RENDERERS[path.suffix.lower()](data)
+        try:
+            write_text_atomic(path, text, prefix=".tmp-report-")
+        except OSError as exc:
+            raise UserError(f"cannot write report {path}: {exc.strerror or exc}") from exc
 
 
 def write_report(report: Report, path: Path) -> None:
-    """Write report.json atomically (temp file in the same folder + rename)."""
-    text = json.dumps(report.to_dict(), indent=2, sort_keys=False) + "\n"
-    try:
-        write_text_atomic(path, text, prefix=".tmp-report-")
-    except OSError as exc:
-        raise UserError(f"cannot write report {path}: {exc.strerror or exc}") from exc
+    """Write one report (its suffix picks the format), atomically."""
+    write_reports(report, [path])

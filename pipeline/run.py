@@ -11,9 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +39,7 @@ from pipeline.recipe import Recipe, VerifySettings
 from pipeline.report import Report, model_facts
 from pipeline.runtime import inputs as inputs_mod
 from pipeline.runtime import sessions as runners
+from pipeline.runtime.atomic_write import check_writable_folder
 from pipeline.runtime.compare import Tolerance
 from pipeline.runtime.errors import UserError, VerificationFailed
 from pipeline.runtime.scratch_weights import ScratchWeights, scratch_weights
@@ -112,9 +111,8 @@ def _check_paths(options: RunOptions) -> None:
             raise UserError(f"output folder is not a folder: {parent} is a file")
     if not folder.is_dir():
         raise UserError(f"output folder does not exist: {folder}")
-    try:  # root passes os.access everywhere; /proc and read-only mounts refuse a real write
-        # Not ".tmp-": that prefix is the save's staging folder (crash tests look for it).
-        os.rmdir(tempfile.mkdtemp(prefix=".ovo-write-probe-", dir=folder))
+    try:
+        check_writable_folder(folder)
     except OSError as exc:
         raise UserError(f"cannot write to output folder {folder}: {exc.strerror or exc}") from exc
 

@@ -9,6 +9,7 @@ here checked over many synthetic repeats rather than one lucky pair).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -124,7 +125,7 @@ def test_difference_inside_the_noise_is_not_claimed() -> None:
     stats = timing.ratio_stats(base, model)
     assert stats.verdict == "same", stats
     assert stats.noise > 0.03
-    assert "no difference beyond noise" in stats.claim
+    assert stats.claim.startswith("same (within noise ±")
 
 
 def test_machine_drift_cancels_out_of_paired_ratios() -> None:
@@ -234,6 +235,10 @@ def test_bench_cli_writes_json_with_every_figure(pair: tuple[Path, Path], tmp_pa
     assert result["threads"]["env"]["OMP_NUM_THREADS"] == "1"
     assert result["provider"]["resolved"] == "cpu"
     assert "p50 ms" in proc.stderr  # the rich table
+    # each table says what it measured, sizes in decimal units, the verdict in words
+    assert "batch4: x[4,16]; 1 threads;" in proc.stderr
+    assert "1 MB = 10^6 bytes" in proc.stderr and " kB " in proc.stderr
+    assert re.search(r"\d\.\d\dx (faster|slower)|same \(within noise ±", proc.stderr)
 
 
 def test_bench_cli_bad_input_exits_2(pair: tuple[Path, Path], tmp_path: Path) -> None:

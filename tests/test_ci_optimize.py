@@ -57,6 +57,9 @@ def test_same_code_passes_and_writes_summary(baseline, tmp_path, monkeypatch, ca
     assert "| model | recipe | status | nodes before -> after | parity |" in text
     assert "| paddle_ocr | default | ok | 16 -> " in text
     assert "### Regressions (0)" in text
+    # each result's own report, as --report r.md writes it, folded under the table
+    assert "<details><summary>paddle_ocr / default: ok</summary>" in text
+    assert "#### ✅ `paddle_ocr.onnx`: optimized and verified" in text
     assert step.read_text() == text
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {r["verdict"] for r in results["results"]} <= {"pass", "improved"}

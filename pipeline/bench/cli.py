@@ -19,10 +19,13 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.runtime.errors import EXIT_INTERNAL_ERROR, UserError
+from pipeline.runtime.timing import speed_words
+from pipeline.summary import size_text
 
 # Wide enough for the tables when stderr is a file or a pipe (rich assumes 80 columns there).
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+# Click's plain help: whole option names at 80 columns (rich's panels cut them).
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:
@@ -45,37 +48,35 @@ def _dims(texts: list[str] | None) -> dict[str, int]:
     return dims
 
 
-def _mb(value: int | None) -> str:
-    return "-" if value is None else f"{value / 2**20:.1f}"
-
-
-def _verdict(comp: dict) -> str:
-    if comp["verdict"] == "faster":
-        return f"{1 / comp['ratio']:.2f}x faster"
-    if comp["verdict"] == "slower":
-        return f"{comp['ratio']:.2f}x slower"
-    return "same (within noise)"
+def _threads(threads: dict) -> str:
+    given = threads.get("intra_op_threads")
+    return f"{given} threads" if given else f"ORT default threads ({threads['usable_cores']} cores)"
 
 
 def result_tables(result: dict) -> list[Table]:
-    """Rich tables: one for the models, one per batch size."""
-    models = Table(title="models", header_style="bold")
-    for column in ("model", "size MB", "session s", "peak RSS MB", "model RSS MB", "GPU MB"):
+    """Rich tables: one for the models, one per batch size (titled with the input shapes
+    and threads it was measured at)."""
+    models = Table(title="models (sizes in decimal units: 1 MB = 10^6 bytes)", header_style="bold")
+    for column in ("model", "size", "session s", "peak RSS", "model RSS", "GPU memory"):
         models.add_column(column, justify="left" if column == "model" else "right")
     for model in result["models"]:
         models.add_row(
             model["label"],
-            _mb(model["size_bytes"]),
+            size_text(model["size_bytes"]),
             f"{model['session_seconds']:.3f}",
-            _mb(model["peak_rss_bytes"]),
-            _mb(model["model_rss_bytes"]),
-            _mb(model["gpu_memory_bytes"]),
+            size_text(model["peak_rss_bytes"]),
+            size_text(model["model_rss_bytes"]),
+            size_text(model["gpu_memory_bytes"]),
         )
     tables = [models]
     for batch in result["batches"]:
+        shapes = ", ".join(
+            f"{name}[{','.join(map(str, spec['shape']))}]"
+            for name, spec in (batch.get("inputs") or {}).items()
+        )
         table = Table(
-            title=f"{batch['case']} (batch {batch['batch']}, {batch['runs_per_sample']} runs "
-            "per sample)",
+            title=f"{batch['case']}: {shapes or 'batch ' + str(batch['batch'])}; "
+            f"{_threads(result['threads'])}; {batch['runs_per_sample']} runs per sample",
             header_style="bold",
         )
         for column in ("model", "p50 ms", "p90 ms", "p99 ms", "items/s", "ratio", "verdict"):
@@ -90,8 +91,9 @@ def result_tables(result: dict) -> list[Table]:
                 f"{lat['p99_ms']:.3f}",
                 f"{lat['throughput_per_s']:.1f}",
                 f"{comp['ratio']:.3f} ±{comp['noise']:.3f}" if comp else "baseline",
-                _verdict(comp) if comp else "",
+                speed_words(comp["ratio"], comp["noise"], comp["verdict"]) if comp else "",
             )
+        table.caption = "ratio: model / baseline time per round (median), < 1 is faster"
         tables.append(table)
     return tables
 

@@ -46,6 +46,7 @@ import numpy as np
 
 from pipeline import providers as providers_mod
 from pipeline.runtime import inputs as inputs_mod
+from pipeline.runtime import machine
 from pipeline.runtime.errors import UserError
 from pipeline.runtime.sessions import open_session
 from pipeline.runtime.timing import interleaved_rounds, ratio_stats, runs_per_sample
@@ -291,17 +292,13 @@ def thread_settings(config: BenchConfig) -> dict:
         for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "ORT_NUM_THREADS")
         if k in os.environ
     }
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 0
     return {
         "intra_op_threads": config.intra_op_threads,
         "inter_op_threads": config.inter_op_threads,
         "default_when_none": "ONNX Runtime's default (one per usable core)",
         "env": env,
         "cpu_count": os.cpu_count(),
-        "usable_cores": usable,
+        "usable_cores": machine.usable_cores(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 

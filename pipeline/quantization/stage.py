@@ -41,6 +41,7 @@ from pipeline.quantization.lm_guard import (
     has_causal_lm_interface,
     is_causal_lm,
 )
+from pipeline.runtime import progress
 
 logger = logging.getLogger(__name__)
 
@@ -725,6 +726,7 @@ def _auto(fp32_path, out_path, options, metric, samples: data.Samples) -> Quanti
     fp32_ir = ir.load(fp32_path)
     with tempfile.TemporaryDirectory(prefix="ovo-quant-auto-") as tmp_root:
         for index, (label, tier_options) in enumerate(tried):
+            progress.advance(f"candidate {label}", index + 1, len(tried))
             work = Path(tmp_root) / str(index)
             work.mkdir()
             path = work / "model.onnx"

@@ -28,3 +28,10 @@ def write_text_atomic(path: Path, text: str, prefix: str = ".tmp-") -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_writable_folder(folder: Path) -> None:
+    """Raise ``OSError`` unless a file can really be made in ``folder``: root passes
+    ``os.access`` everywhere, while /proc and read-only mounts refuse a real write."""
+    # Not ".tmp-": that prefix is the save's staging folder (crash tests look for it).
+    os.rmdir(tempfile.mkdtemp(prefix=".ovo-write-probe-", dir=folder))

@@ -52,3 +52,12 @@ def cache_root() -> Path:
     or ``~/.cache/onnx-verified-optimizer``; read on every call, tests move it."""
     root = os.environ.get("OVO_CACHE_DIR")
     return Path(root) if root else Path.home() / ".cache" / "onnx-verified-optimizer"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, which containers and ``taskset``
+    narrow), the figure ONNX Runtime's default thread count follows."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 0

@@ -167,6 +167,23 @@ def _link_external_file(tensor: ir.ExternalTensor, scratch: Path) -> None:
         shutil.copyfile(source, link)
 
 
+# ONNX Runtime's own C++ log (severity: 0 verbose ... 3 error, 4 fatal). Its error lines
+# come with ANSI colours and a source location, and the exception raised right after says
+# the same thing, which the command line turns into its one-line message; so the command
+# line silences the log (``silence_onnxruntime_log``) and ``--debug`` leaves it on. Library
+# use (tests, the CI job, the provider probe that parses the log) keeps each caller's level.
+_SILENT = 4
+_silenced = False
+
+
+def silence_onnxruntime_log(silent: bool = True) -> None:
+    """Silence ONNX Runtime's log for this process (sessions made here and by other
+    libraries, e.g. the quantization tools), or give it back its default (warnings)."""
+    global _silenced
+    _silenced = silent
+    ort.set_default_logger_severity(_SILENT if silent else 2)
+
+
 def open_session(
     source: str | bytes | os.PathLike,
     options: ort.SessionOptions | None = None,
@@ -181,6 +198,9 @@ def open_session(
     """
     if isinstance(source, os.PathLike):
         source = str(source)
+    if _silenced:
+        options = options or ort.SessionOptions()
+        options.log_severity_level = _SILENT
     return ort.InferenceSession(
         source, options, providers=providers or ["CPUExecutionProvider"], **kwargs
     )

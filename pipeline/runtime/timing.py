@@ -19,12 +19,13 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TypeVar
 
 import numpy as np
 import onnx_ir as ir
 
+from pipeline.runtime import machine, progress
 from pipeline.runtime import sessions as runners
 from pipeline.runtime.inputs import Feeds
 
@@ -50,6 +51,14 @@ class LatencyComparison:
     verdict: str  # faster | same | slower
     session_seconds_original: float
     session_seconds_optimized: float
+    # What was measured, so a reader knows what the figures hold for: the shapes of the
+    # feeds, the threads ORT was given (None: its default, one per usable core), and each
+    # round's time per run (the medians above come from these).
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    intra_op_threads: int | None = None
+    usable_cores: int = 0
+    samples_ms_original: list[float] = field(default_factory=list)
+    samples_ms_optimized: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -140,11 +149,7 @@ def ratio_stats(baseline_rounds: Sequence[float], model_rounds: Sequence[float])
     verdict = "same"
     if abs(ratio - 1.0) > noise:
         verdict = "faster" if ratio < 1.0 else "slower"
-    if verdict == "same":
-        claim = f"no difference beyond noise ({ratio:.3f}x ±{noise:.3f})"
-    else:
-        how = f"{1.0 / ratio:.2f}x faster" if verdict == "faster" else f"{ratio:.2f}x slower"
-        claim = f"{how} (latency ratio {ratio:.3f} ±{noise:.3f})"
+    claim = f"{speed_words(ratio, noise, verdict)} (latency ratio {ratio:.3f} ±{noise:.3f})"
     return RatioStats(
         ratio=ratio,
         ci_low=ci_low,
@@ -178,12 +183,31 @@ def interleaved_rounds(
     ``done(samples)`` may end the run early after a round (a decisive difference)."""
     samples: list[list[Sample]] = [[] for _ in samplers]
     for index in range(rounds):
+        progress.advance("round", index + 1, rounds)
         order = range(len(samplers)) if index % 2 == 0 else reversed(range(len(samplers)))
         for which in order:
             samples[which].append(samplers[which](runs))
         if done is not None and done(samples):
             break
     return samples
+
+
+def _percent(fraction: float) -> str:
+    return f"{fraction * 100:.1f}%" if fraction < 0.1 else f"{fraction * 100:.0f}%"
+
+
+def speed_words(ratio: float, noise: float, verdict: str, margin: float = 0.0) -> str:
+    """A verdict in the words people use: ``1.82x faster``, ``1.10x slower`` or ``same
+    (within noise ±3.1%)``. ``ratio`` is model time / baseline time, so "faster" is its
+    inverse. A ``same`` whose difference exceeds the noise but not ``margin`` (the budget a
+    verdict was given) says so rather than calling the difference noise."""
+    if verdict == "faster":
+        return f"{1.0 / ratio:.2f}x faster"
+    if verdict == "slower":
+        return f"{ratio:.2f}x slower"
+    if abs(ratio - 1.0) <= noise or margin <= noise:
+        return f"same (within noise ±{_percent(noise)})"
+    return f"same (within the ±{_percent(margin)} margin; noise ±{_percent(noise)})"
 
 
 def verdict(stats: RatioStats, margin: float) -> str:
@@ -246,4 +270,9 @@ def compare_latency(
         verdict=verdict(stats, max_slowdown),
         session_seconds_original=session_a.create_seconds,
         session_seconds_optimized=session_b.create_seconds,
+        input_shapes={name: list(np.shape(value)) for name, value in feeds.items()},
+        intra_op_threads=intra_op_threads,
+        usable_cores=machine.usable_cores(),
+        samples_ms_original=[t * 1e3 for t in times_a],
+        samples_ms_optimized=[t * 1e3 for t in times_b],
     )
