@@ -212,7 +212,13 @@ def _no_inputs_found(model: ir.Model, attempts) -> str:
     _, first_sets, first_error = attempts[0]
     reason = _ort_reason(first_error)
     where = _ORT_NODE.search(str(first_error))
-    node = f" at {where.group(1)} node '{where.group(2)}'" if where else ""
+    node = ""
+    if where:
+        node = (
+            f" at {where.group(1)} node '{where.group(2)}'"
+            if where.group(2)
+            else f" at a {where.group(1)} node"
+        )
     dynamic = {
         spec.name
         for spec in inputs_mod.input_specs(model)

@@ -27,7 +27,10 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     raw = (high - low) / count
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
-    ticks = [round(math.floor(low / step) * step, 12)]
+    first = round(math.floor(low / step) * step, 12)
+    if first > low:  # low / step underflowed to -0.0, or the rounding went past low
+        first = round(first - step, 12)
+    ticks = [first]
     while ticks[-1] < high:
         ticks.append(round(ticks[-1] + step, 12))
     return ticks
