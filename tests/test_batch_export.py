@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -41,6 +40,7 @@ RECORD_FIELDS = {
     "validation",
     "seconds",
     "error",
+    "execution",
 }
 
 
@@ -114,7 +114,7 @@ def test_manifest_has_every_documented_field(tmp_path):
     run(tmp_path, ["alpha", "beta"], opset=18, tiny=True)
     manifest = read_manifest(tmp_path)
     assert list(manifest) == ["schema_version", "created", "versions", "models"]
-    assert manifest["schema_version"] == "1.0"
+    assert manifest["schema_version"] == "1.1"
     assert datetime.datetime.fromisoformat(manifest["created"]).tzinfo is not None
     assert set(manifest["versions"]) == {
         "torch",
@@ -138,6 +138,10 @@ def test_manifest_has_every_documented_field(tmp_path):
         assert record["validation"] == {"passed": True, "summary": "fake"}
         assert len(record["key"]) == 64 and record["source"] == "zoo"
         assert isinstance(record["seconds"], float)
+        execution = record["execution"]
+        assert execution["executor"] == "local" and execution["pid"] == os.getpid()
+        assert execution["attempts"] == 1 and execution["lost_attempts"] == []
+        assert execution["task_id"] is None and execution["node"]
     assert manifest["models"]["alpha"]["key"] != manifest["models"]["beta"]["key"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
@@ -296,9 +300,8 @@ def test_bad_usage_exit_2(tmp_path, capsys):
     assert exc.value.code == 2
 
 
-def test_ray_executor_without_ray_exits_2(tmp_path, capsys):
-    if importlib.util.find_spec("ray") is not None:
-        pytest.skip("ray is installed")
+def test_ray_executor_without_ray_exits_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # ``import ray`` raises ImportError
     argv = ["--models", "alpha", "--executor", "ray", "--address", "auto", "--out", str(tmp_path)]
     assert batch_export.main(argv) == 2
     assert capsys.readouterr().err.strip() == (
@@ -353,7 +356,15 @@ def test_process_pool_isolates_a_crashing_worker(tmp_path):
         "broken": "failed",
         "gamma": "ok",
     }
-    assert manifest["models"]["crash"]["error"] == "worker process crashed"
+    crash = manifest["models"]["crash"]
+    assert crash["error"].startswith("worker process crashed (")
+    assert crash["execution"]["attempts"] == 1 + batch_export.executors.DEFAULT_RETRIES
+    assert crash["execution"]["pid"] is None
+    for name in ("alpha", "beta", "gamma"):  # any victim of the broken pool ran again alone
+        execution = manifest["models"][name]["execution"]
+        assert execution["pid"] != os.getpid() and execution["attempts"] == 1 + len(
+            execution["lost_attempts"]
+        )
     assert manifest["models"]["broken"]["error"].startswith("FakeMismatch:")
     assert batch_export.exit_code(manifest) == 1
     assert read_manifest(tmp_path)["models"] == manifest["models"]
