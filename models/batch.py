@@ -584,6 +584,21 @@ class _Progress:
             print(line, flush=True)
 
 
+def closing_lines(manifest: dict) -> list[str]:
+    """What a run's last lines say: the models of this run that lost attempts to a dead
+    worker (a skipped model's record is an earlier run's), then those that failed."""
+    records = [(name, manifest["models"][name]) for name in manifest["run"]]
+    lines = []
+    for name, record in records:
+        note = executors.retry_note(record["execution"]) if record["status"] != "skipped" else None
+        if note:
+            lines.append(f"retried: {name}: {note}")
+    failed = [name for name, record in records if record["status"] == "failed"]
+    if failed:
+        lines.append(f"failed ({len(failed)}/{len(records)}): {', '.join(failed)}")
+    return lines
+
+
 def exit_code(manifest: dict) -> int:
     """0 when every model of the run is ok or skipped, 1 when any failed."""
     run = manifest.get("run", list(manifest["models"]))
@@ -629,13 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    records = [(n, manifest["models"][n]) for n in manifest["run"]]
-    for name, record in records:
-        note = executors.retry_note(record["execution"]) if record["status"] != "skipped" else None
-        if note:
-            print(f"retried: {name}: {note}")
-    failed = [name for name, record in records if record["status"] == "failed"]
-    if failed:
-        print(f"failed ({len(failed)}/{len(records)}): {', '.join(failed)}")
+    for line in closing_lines(manifest):
+        print(line)
     print(f"manifest: {Path(args.out) / MANIFEST_NAME}")
     return exit_code(manifest)

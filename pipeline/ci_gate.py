@@ -640,6 +640,19 @@ def _optimize_all(
     return [row for source in sources for row in finished[source.name]]
 
 
+def retry_notes(rows: list[dict]) -> list[str]:
+    """One note per model and step whose worker died on an attempt (rows of one model share
+    their placements, so a model is named once, not once per recipe)."""
+    notes = []
+    for row in rows:
+        for step, placement in row["execution"].items():
+            note = executors.retry_note(placement)
+            line = f"{row['model']}, {step}: {note}"
+            if note and line not in notes:
+                notes.append(line)
+    return notes
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(
@@ -677,12 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = []
     if injected:
         notes.append(f"injected broken pass `{injected}` (every Add -> Sub) ran first")
-    for source in sources:
-        row = next(r for r in rows if r["model"] == source.name)
-        for step, placement in row["execution"].items():
-            note = executors.retry_note(placement)
-            if note:
-                notes.append(f"{source.name}, {step}: {note}")
+    notes += retry_notes(rows)
     if args.update_baseline:
         data = baseline_from_rows(rows, recipe_names, source_kind, args.tiny)
         _write_json(args.baseline, data)

@@ -277,6 +277,7 @@ def test_cli_exit_codes(tmp_path, capsys):
     assert batch_export.main(["--models", "alpha,beta", "--out", out, "--jobs", "1"]) == 0
     assert batch_export.main(["--models", "alpha,broken", "--out", out, "--jobs", "1"]) == 1
     captured = capsys.readouterr()
+    assert "\nfailed (1/2): broken\nmanifest: " in captured.out
     assert "[2/2] broken: failed" in captured.out or "[1/2] broken: failed" in captured.out
     assert batch_export.main(["--models", "alpha,nope", "--out", out]) == 2
     err = capsys.readouterr().err
@@ -368,6 +369,11 @@ def test_process_pool_isolates_a_crashing_worker(tmp_path):
     assert manifest["models"]["broken"]["error"].startswith("FakeMismatch:")
     assert batch_export.exit_code(manifest) == 1
     assert read_manifest(tmp_path)["models"] == manifest["models"]
+    lines = batch_export.closing_lines(manifest)
+    assert lines[-1] == "failed (2/5): crash, broken"
+    assert "retried: crash: 3 of 3 attempt(s) on local lost, no attempt finished: " in "\n".join(
+        lines
+    )
 
 
 def test_worker_limits_torch_threads(tmp_path, monkeypatch):

@@ -36,9 +36,9 @@ ZOO = "resnet,mobilenet"
 # --------------------------------------------------------------------------- the scripts
 
 
-def _script(name: str, *args: str) -> subprocess.CompletedProcess:
+def _script(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     argv = [sys.executable, str(ROOT / "scripts" / name), *args]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,7 @@ def test_both_scripts_on_a_cluster_they_start_match_the_local_executor(local_ci,
 
     local, on_ray = _manifest(local_ci / "models"), _manifest(models)
     for name in ZOO.split(","):
+        assert on_ray[name]["status"] == "skipped"  # the CI job found batch_export's file
         assert on_ray[name]["sha256"] == local[name]["sha256"]  # the same file, byte for byte
         assert on_ray[name]["nodes"] == local[name]["nodes"]
         assert local[name]["execution"]["executor"] == "local"
@@ -100,17 +101,9 @@ def test_an_unreachable_cluster_is_one_clear_line(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     address = f"127.0.0.1:{port}"
-    done = _script(
-        "batch_export.py",
-        "--models",
-        "resnet",
-        "--executor",
-        "ray",
-        "--address",
-        address,
-        "--out",
-        str(tmp_path),
-    )
+    argv = ["--models", "resnet", "--executor", "ray", "--address", address]
+    # Ray alone would retry an unreachable address for minutes; the check answers at once.
+    done = _script("batch_export.py", *argv, "--out", str(tmp_path), timeout=60)
     assert done.returncode == 2
     assert done.stderr.startswith(f"error: cannot reach the Ray cluster at {address}: ")
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
@@ -192,7 +185,12 @@ def test_a_killed_worker_is_retried_and_the_retry_recorded(cluster, fake_zoo, tm
     assert lost.startswith("WorkerCrashedError:")
     assert manifest["models"]["alpha"]["execution"]["attempts"] == 1
     assert batch.exit_code(manifest) == 0
-    assert executors.retry_note(placement).startswith("1 of 2 attempt(s) on ray lost, then ran")
+    assert batch.closing_lines(manifest) == [
+        f"retried: killed_once: 1 of 2 attempt(s) on ray lost, then ran: {lost}"
+    ]
+    again = _export(tmp_path, ["killed_once", "alpha"], retries=1)  # up to date: skipped
+    assert again["models"]["killed_once"]["execution"] == placement  # the run that made it
+    assert batch.closing_lines(again) == []  # an earlier run's retry is not this run's
 
 
 def test_a_worker_that_always_dies_fails_its_model_only(cluster, fake_zoo, tmp_path):
@@ -210,19 +208,22 @@ def test_a_worker_that_always_dies_fails_its_model_only(cluster, fake_zoo, tmp_p
     assert models["broken"]["error"] == "RuntimeError: broken: cannot export"
     assert models["broken"]["execution"]["attempts"] == 1  # an exception is not retried
     assert batch.exit_code(manifest) == 1
+    assert batch.closing_lines(manifest)[-1] == "failed (2/4): always_killed, broken"
     assert json.loads((tmp_path / "manifest.json").read_text())["models"] == models
 
 
 def test_a_task_no_node_can_hold_fails_at_once(cluster):
     outcomes = []
-    huge = executors.Work("huge", len, ("abc",), memory=1 << 50)
+    huge = executors.Work(
+        "huge", len, ("abc",), memory=1 << 40
+    )  # 1 TiB (1 << 50 overflows in Ray and runs!)
     small = executors.Work("small", len, ("abc",))
     run = executors.Executor("ray").run
     _bounded(lambda: run([huge, small], lambda item, got: outcomes.append((item, got))))
     got = {item.name: outcome for item, outcome in outcomes}
     assert got["small"].value == 3 and got["small"].placement["executor"] == "ray"
     assert got["huge"].value is None and got["huge"].placement["attempts"] == 0
-    assert got["huge"].error.startswith("asks for 1048576.0 GiB of memory; the largest Ray node")
+    assert got["huge"].error.startswith("asks for 1024.0 GiB of memory; the largest Ray node")
 
 
 def test_the_ci_job_on_ray_isolates_a_failing_model_and_names_it(cluster, tmp_path, capsys):
@@ -258,3 +259,31 @@ def test_the_ci_job_on_ray_isolates_a_failing_model_and_names_it(cluster, tmp_pa
     rows = {r["model"]: r for r in _results(tmp_path / "c")}
     assert rows["float_mlp"]["rolled_back"] == ["evil"]
     assert "evil" not in ci_gate.REGISTRY
+
+
+class _DeadWorkers:
+    """An executor whose every worker dies: what ``Executor.run`` reports then."""
+
+    def run(self, items, on_done):
+        lost = ["WorkerCrashedError: killed", "WorkerCrashedError: killed"]
+        for item in items:
+            where = dict.fromkeys(("node", "node_id", "task_id", "pid"))
+            placement = {"executor": "ray", **where, "attempts": 2, "lost_attempts": lost}
+            on_done(item, executors.Outcome(None, placement, f"worker crashed ({lost[-1]})"))
+
+
+def test_a_model_whose_workers_all_died_is_crashed_and_named(tmp_path):
+    source = ci_gate.ModelSource("m", tmp_path / "m.onnx", execution={"executor": "local"})
+    recipes = [ci_gate.load_recipe("default"), ci_gate.load_recipe("minimal")]
+    rows = ci_gate._optimize_all([source], recipes, tmp_path, None, _DeadWorkers())
+    assert [(r["recipe"], r["status"]) for r in rows] == [
+        ("default", "crashed"),
+        ("minimal", "crashed"),
+    ]
+    assert rows[0]["message"] == "worker crashed (WorkerCrashedError: killed)"
+    assert rows[0]["execution"]["optimize"]["attempts"] == 2
+    assert ci_gate.retry_notes(rows) == [
+        "m, optimize: 2 of 2 attempt(s) on ray lost, no attempt finished: "
+        "WorkerCrashedError: killed"
+    ]
+    assert ci_gate.compare_row(rows[0], {"models": {"m/default": {"status": "ok"}}}).regressions
