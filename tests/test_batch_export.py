@@ -299,6 +299,14 @@ def test_bad_usage_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         batch_export.main(["--out", str(tmp_path)])
     assert exc.value.code == 2
+    capsys.readouterr()
+    argv = ["--models", "alpha", "--out", str(tmp_path / "o")]
+    assert batch_export.main([*argv, "--address", "head:6379"]) == 2
+    assert capsys.readouterr().err == "error: --address needs --executor ray\n"
+    with pytest.raises(SystemExit) as exc:
+        batch_export.main([*argv, "--retries", "-1"])
+    assert exc.value.code == 2 and "must be 0 or more" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_ray_executor_without_ray_exits_2(tmp_path, capsys, monkeypatch):
