@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	# compat: the checkout itself goes on sys.path, ahead of the "models" folder that
 	# onnxruntime.transformers appends (a strict editable finder loses to any sys.path entry).
-	$(PY) -m pip install -q -e ".[export,test]" --config-settings editable_mode=compat
+	$(PY) -m pip install -q -e ".[export,test,ray]" --config-settings editable_mode=compat
 	# A CNN with trained weights for the quantization benchmark (PP-OCRv4 detection, read as
 	# a file). --no-deps: its dependencies would install CPU onnxruntime over onnxruntime-gpu.
 	$(PY) -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4
