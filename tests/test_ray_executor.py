@@ -114,15 +114,25 @@ def test_an_unreachable_cluster_is_one_clear_line(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """One local cluster for the fault tests, started once (seconds) and shut down after."""
+def cluster() -> str:
+    """One local cluster for the tests below, started once (seconds) and shut down after;
+    its address, for a script to join with ``--address``."""
     patch = pytest.MonkeyPatch()
     here = str(Path(__file__).parent)
     patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
-    ray.init(num_cpus=2, include_dashboard=False)
+    context = ray.init(num_cpus=2, include_dashboard=False)
     patch.undo()
-    yield
+    yield context.address_info["gcs_address"]
     ray.shutdown()
+
+
+def test_address_joins_a_running_cluster(cluster, local_ci, tmp_path):
+    argv = ["--models", "resnet", "--tiny", "--executor", "ray", "--address", cluster]
+    done = _script("batch_export.py", *argv, "--out", str(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    record = _manifest(tmp_path)["resnet"]
+    assert record["execution"]["node_id"] == ray.get_runtime_context().get_node_id()
+    assert record["sha256"] == _manifest(local_ci / "models")["resnet"]["sha256"]
 
 
 @dataclasses.dataclass
