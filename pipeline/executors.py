@@ -105,6 +105,8 @@ class Executor:
 
     def run(self, items: list[Work], on_done: Callable[[Work, Outcome], None]) -> None:
         """Run every item; call ``on_done`` as each finishes (in this process, in finish order)."""
+        if not items:  # everything up to date: no pool to start, no cluster to join
+            return
         if self.kind == "ray":
             connect(self.address)
             _run_ray(items, self.retries, on_done)
