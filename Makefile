@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	# onnxruntime.transformers appends (a strict editable finder loses to any sys.path entry).
 	# setuptools prints a 15-line banner about that mode even with -q; it is chosen on purpose.
 	PYTHONWARNINGS="ignore:Compat editable installs" \
-		$(PY) -m pip install -q -e ".[export,test]" --config-settings editable_mode=compat
+		$(PY) -m pip install -q -e ".[export,test,ray]" --config-settings editable_mode=compat
 	# A CNN with trained weights for the quantization benchmark (PP-OCRv4 detection, read as
 	# a file). --no-deps: its dependencies would install CPU onnxruntime over onnxruntime-gpu.
 	$(PY) -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4

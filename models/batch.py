@@ -4,28 +4,29 @@
     python scripts/batch_export.py --models bert_base,minilm --tiny --jobs 2
     python scripts/batch_export.py --folders ~/models/my-bert --opset 18
 
-Every model runs in its own worker process (``ProcessPoolExecutor``, spawn context, torch
-limited to one thread per worker) through one top-level function, :func:`export_one`, which
-never raises: a model whose export raises (``models.export.ExportMismatch`` or anything
-else) is recorded as ``failed`` with a one-line error and the batch goes on. A worker that
-dies (segfault, OOM kill) breaks the whole pool, so the models that were in flight are rerun
-one at a time in fresh single-worker pools: only the model that really crashes is failed.
-With ``--executor ray --address ADDR`` the same function runs as Ray tasks (the output
-folder must then be on a filesystem the Ray workers share).
+Every model runs through one top-level function, :func:`export_one`, which never raises: a
+model whose export raises (``models.export.ExportMismatch`` or anything else) is recorded as
+``failed`` with a one-line error and the batch goes on. Where it runs is
+``pipeline.executors``: local worker processes (``--jobs``, spawn context, torch limited to
+one thread per worker) or, with ``--executor ray [--address HOST:PORT]``, one Ray task per
+model (the output folder must then be on a filesystem every Ray worker sees at the same
+path). A model whose worker dies (segfault, OOM kill, lost node) is run again, at most
+``--retries`` times; only the model that really crashes is failed (docs/scale-out.md).
 
 Resumable: a model is skipped when its manifest record has the same ``key`` and the file on
 disk still has the recorded ``sha256``; ``--force`` re-exports. The key is the sha256 of the
 model name, exporter, opset, tiny flag, the installed versions of torch / transformers /
 optimum / onnx / onnxruntime and, for ``--folders``, a hash of the folder's config and
 weights files. A skipped model keeps its previous record, with ``status`` set to
-``"skipped"`` and ``error`` null (its ``seconds`` are those of the export that made the file).
+``"skipped"`` and ``error`` null (its ``seconds`` and ``execution`` are those of the export
+that made the file).
 
 ``OUT/manifest.json`` is rewritten atomically (temp file + rename) after every finished
 model, so an interrupted batch keeps what it finished. Records of models that are not part
-of this run are kept unchanged. Schema (``schema_version`` "1.0")::
+of this run are kept unchanged. Schema (``schema_version`` "1.1"; 1.0 had no ``execution``)::
 
     {
-      "schema_version": "1.0",
+      "schema_version": "1.1",
       "created": "2026-01-01T12:00:00+00:00",       # ISO 8601, UTC, time of this write
       "versions": {"torch": ..., "transformers": ..., "optimum": ..., "onnx": ...,
                    "onnxruntime": ..., "python": ...},   # null when not installed
@@ -43,26 +44,27 @@ of this run are kept unchanged. Schema (``schema_version`` "1.0")::
           "key": hex,
           "validation": {"passed": bool, ...},        # from the exporter; {} when failed
           "seconds": float,
-          "error": str | null                         # one line, "ExcType: message"
+          "error": str | null,                        # one line, "ExcType: message"
+          "execution": {"executor": "local" | "ray", "node": ..., "task_id": ...,
+                        "attempts": int, ...}         # where it ran: pipeline/executors.py
         }
       }
     }
 
-Exit codes: 0 every selected model ok or skipped; 1 any failed; 2 bad usage (unknown model
-name, missing folder, ray not installed), with a one-line message.
+Exit codes: 0 every selected model ok or skipped; 1 any failed (the last lines name them, and
+the models that needed a retry); 2 bad usage (unknown model name, missing folder, ray not
+installed, a Ray cluster that cannot be reached), with a one-line message.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import dataclasses
 import datetime
 import hashlib
 import importlib.metadata
 import json
 import logging
-import multiprocessing
 import os
 import platform
 import re
@@ -71,9 +73,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+from pipeline import executors
+from pipeline.executors import one_line
 from pipeline.load import file_sha256
 from pipeline.runtime.compare import to_jsonable
 from pipeline.runtime.errors import UserError
@@ -81,10 +84,9 @@ from pipeline.runtime.errors import UserError
 logger = logging.getLogger("batch_export")
 ROOT = Path(__file__).resolve().parents[1]
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 MANIFEST_NAME = "manifest.json"
 KEY_PACKAGES = ("torch", "transformers", "optimum", "onnx", "onnxruntime")
-RAY_MISSING = "ray is not installed: pip install 'onnx-verified-optimizer[ray]'"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 ExportFn = Callable[..., object]
 
@@ -167,11 +169,6 @@ def _limit_threads() -> None:
         sys.modules["torch"].set_num_threads(1)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or "(no message)"
-    return f"{type(exc).__name__}: {text}"[:500]
-
-
 def _file_facts(path: Path) -> dict:
     """sha256, size (with external data), default opset and node count of an exported file."""
     import onnx
@@ -229,6 +226,7 @@ def _base_record(task: Task) -> dict:
         "validation": {},
         "seconds": 0.0,
         "error": None,
+        "execution": None,
     }
 
 
@@ -270,7 +268,7 @@ def export_one(task: Task, export_fn: ExportFn | None = None) -> tuple[str, dict
         record.update(status="ok", file=path.name, validation=validation)
     except Exception as exc:  # noqa: BLE001 - failure isolation is the point
         logger.debug("export of %s failed", task.name, exc_info=True)
-        return task.name, failed_record(task, _one_line(exc), time.perf_counter() - start)
+        return task.name, failed_record(task, one_line(exc), time.perf_counter() - start)
     record["seconds"] = round(time.perf_counter() - start, 3)
     return task.name, record
 
@@ -354,54 +352,6 @@ def _mismatch(message: str) -> Exception:
     return ExportMismatch(message)
 
 
-# --------------------------------------------------------------------------- executors
-
-
-def _run_local(tasks: list[Task], jobs: int, export_fn, on_done) -> None:
-    if jobs <= 1:  # in-process: simplest to debug, and what tests use with fakes
-        for task in tasks:
-            on_done(*export_one(task, export_fn))
-        return
-    ctx = multiprocessing.get_context("spawn")
-    tasks = [dataclasses.replace(t, single_thread=True) for t in tasks]
-    crashed: list[Task] = []
-    with cf.ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=ctx) as pool:
-        futures = {pool.submit(export_one, task, export_fn): task for task in tasks}
-        for future in cf.as_completed(futures):
-            task = futures[future]
-            try:
-                on_done(*future.result())
-            except BrokenProcessPool:
-                crashed.append(task)
-            except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable result
-                on_done(task.name, failed_record(task, _one_line(exc)))
-    # A dead worker breaks the whole pool: rerun its victims alone so only the culprit fails.
-    for task in crashed:
-        with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-            try:
-                on_done(*pool.submit(export_one, task, export_fn).result())
-            except BrokenProcessPool:
-                on_done(task.name, failed_record(task, "worker process crashed"))
-
-
-def _run_ray(tasks: list[Task], address: str | None, export_fn, on_done) -> None:
-    import ray
-
-    ray.init(address=address, ignore_reinit_error=True)
-    remote = ray.remote(num_cpus=1)(export_one)
-    pending = {
-        remote.remote(dataclasses.replace(t, single_thread=True), export_fn): t for t in tasks
-    }
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        for ref in done:
-            task = pending.pop(ref)
-            try:
-                on_done(*ray.get(ref))
-            except Exception as exc:  # noqa: BLE001 - a dead worker, a lost node
-                on_done(task.name, failed_record(task, _one_line(exc)))
-
-
 # --------------------------------------------------------------------------- manifest
 
 
@@ -476,6 +426,7 @@ def export_all(
     force: bool = False,
     executor: str = "local",
     address: str | None = None,
+    retries: int = executors.DEFAULT_RETRIES,
     folders: Iterable[str | os.PathLike] = (),
     export_fn: ExportFn | None = None,
     progress: bool = True,
@@ -491,7 +442,9 @@ def export_all(
         exporter: None for each entry's default exporter (the key records the resolved one).
         jobs: worker processes (default ``min(2, os.cpu_count())``); 1 runs in-process.
         force: re-export even when the manifest says the file is up to date.
-        executor / address: ``"local"`` (process pool) or ``"ray"`` (cluster at address).
+        executor / address / retries: ``"local"`` (``jobs`` processes) or ``"ray"`` (the
+            cluster at ``address``; None starts a local one); runs again after a worker
+            died (``pipeline.executors``).
         folders: local Hugging Face model folders, exported with Optimum as ``<dir name>``.
         export_fn: replaces ``models.export.export_model`` (tests; must be picklable by
             reference, i.e. a module-level function, when ``jobs > 1``).
@@ -502,16 +455,10 @@ def export_all(
         call exported or skipped, in order (records of other models are kept in the file).
 
     Raises:
-        UserError: unknown model name, missing folder, bad executor, ray not installed.
+        UserError: unknown model name, missing folder, bad executor, ray not installed or
+            its cluster not reachable.
     """
-    out = Path(out_dir)
-    if executor not in ("local", "ray"):
-        raise UserError(f"unknown executor {executor!r} (choose local or ray)")
-    if executor == "ray":
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            raise UserError(RAY_MISSING) from None
+    out = Path(out_dir).resolve()  # the path a worker in another folder or node is given
     selected = known_models() if names is None else list(dict.fromkeys(names))
     known = set(known_models()) if names is not None else set(selected)
     unknown = [n for n in selected if n not in known]
@@ -537,6 +484,9 @@ def export_all(
         raise UserError("no models selected")
     if jobs is None:
         jobs = min(2, os.cpu_count() or 1)
+    runner = executors.make(executor, jobs, address, retries)
+    if not runner.in_process:
+        tasks = [dataclasses.replace(t, single_thread=True) for t in tasks]
 
     out.mkdir(parents=True, exist_ok=True)
     records: dict = load_manifest(out)["models"]
@@ -563,22 +513,32 @@ def export_all(
             bar.advance(name, records[name])
         save()
 
-        def on_done(name: str, record: dict) -> None:
-            records[name] = record
-            save()
-            bar.advance(name, record)
-
-        if todo:
-            if executor == "ray":
-                _run_ray(todo, address, export_fn, on_done)
+        def on_done(item: executors.Work, outcome: executors.Outcome) -> None:
+            task = item.args[0]
+            if outcome.value is None:
+                record = failed_record(task, outcome.error or "no result")
             else:
-                _run_local(todo, jobs, export_fn, on_done)
+                record = outcome.value[1]
+            record["execution"] = outcome.placement
+            records[task.name] = record
+            save()
+            bar.advance(task.name, record)
+
+        runner.run([_work(task, records.get(task.name), export_fn) for task in todo], on_done)
     # Keep the key order stable and readable: this run's models first, in request order.
     ordered = {t.name: records[t.name] for t in tasks}
     records = {**ordered, **{k: v for k, v in records.items() if k not in ordered}}
     manifest = save()
     manifest["run"] = [t.name for t in tasks]  # not written: lets callers tell this run apart
     return manifest
+
+
+def _work(task: Task, previous: dict | None, export_fn: ExportFn | None) -> executors.Work:
+    """One export as executor work; its memory request grows with the size the model's last
+    export had (unknown the first time)."""
+    size = (previous or {}).get("size_bytes")
+    memory = executors.memory_request(size if isinstance(size, int) else None)
+    return executors.Work(task.name, export_one, (task, export_fn), memory=memory)
 
 
 class _Progress:
@@ -624,6 +584,21 @@ class _Progress:
             print(line, flush=True)
 
 
+def closing_lines(manifest: dict) -> list[str]:
+    """What a run's last lines say: the models of this run that lost attempts to a dead
+    worker (a skipped model's record is an earlier run's), then those that failed."""
+    records = [(name, manifest["models"][name]) for name in manifest["run"]]
+    lines = []
+    for name, record in records:
+        note = executors.retry_note(record["execution"]) if record["status"] != "skipped" else None
+        if note:
+            lines.append(f"retried: {name}: {note}")
+    failed = [name for name, record in records if record["status"] == "failed"]
+    if failed:
+        lines.append(f"failed ({len(failed)}/{len(records)}): {', '.join(failed)}")
+    return lines
+
+
 def exit_code(manifest: dict) -> int:
     """0 when every model of the run is ok or skipped, 1 when any failed."""
     run = manifest.get("run", list(manifest["models"]))
@@ -649,13 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         default=min(2, os.cpu_count() or 1),
         help="worker processes (default: 2, or 1 on a one-core machine)",
     )
-    parser.add_argument(
-        "--executor",
-        choices=("local", "ray"),
-        default="local",
-        help="where exports run: local worker processes or a Ray cluster",
-    )
-    parser.add_argument("--address", help="Ray cluster address (with --executor ray)")
+    executors.add_arguments(parser)
     parser.add_argument("--force", action="store_true", help="re-export even when up to date")
     args = parser.parse_args(argv)
     if not (args.all or args.models or args.folders):
@@ -677,13 +646,13 @@ def main(argv: list[str] | None = None) -> int:
             force=args.force,
             executor=args.executor,
             address=args.address,
+            retries=args.retries,
             folders=args.folders,
         )
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    code = exit_code(manifest)
-    print(
-        f"manifest: {Path(args.out) / MANIFEST_NAME}" + (" (some exports failed)" if code else "")
-    )
-    return code
+    for line in closing_lines(manifest):
+        print(line)
+    print(f"manifest: {Path(args.out) / MANIFEST_NAME}")
+    return exit_code(manifest)

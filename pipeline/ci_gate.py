@@ -3,11 +3,17 @@
     python scripts/ci_optimize.py [--models a,b | --manifest PATH | --kinds a,b] [--tiny]
         [--recipes default] [--baseline docs/baseline.json] [--update-baseline]
         [--summary PATH.md] [--out artifacts/ci] [--inject-broken-pass NAME]
+        [--executor local|ray] [--address HOST:PORT] [--retries N]
 
 Each model is exported (``batch_export.export_all``; skipped with ``--manifest``, which names
 already exported files; ``--kinds`` builds the small third-party-style models of
-``models/kinds.py`` instead of the zoo), then optimized in-process with every chosen recipe
-through ``pipeline.run.run``. One model failing never stops the others: its status says why.
+``models/kinds.py`` instead of the zoo), then optimized with every chosen recipe through
+``pipeline.run.run``: in this process, one model after the other, or with ``--executor ray``
+one Ray task per model (both steps; ``pipeline/executors.py``, docs/scale-out.md). One model
+failing never stops the others: its status says why (``crashed`` when its worker died on
+every attempt). Each result records where its export and its optimization ran
+(``"execution": {"export": ..., "optimize": ...}``, each with the executor, node, task id and
+attempts; ``export`` is null for ``--kinds`` models, built in this process).
 
 The results are compared with a committed baseline (``docs/baseline.json``) that holds
 accuracy figures and latency RATIOS only, never absolute times. A result regresses when:
@@ -62,6 +68,7 @@ import numpy as np
 from graph_passes.base import GraphPass
 from graph_passes.registry import REGISTRY
 from graph_passes.testing.helpers import AddToSub
+from pipeline import executors
 from pipeline.recipe import Recipe, load_recipe
 from pipeline.render import markdown
 from pipeline.report import Report, versions, write_report
@@ -73,7 +80,7 @@ logger = logging.getLogger("ci_optimize")
 ROOT = Path(__file__).resolve().parents[1]
 
 BASELINE_SCHEMA_VERSION = "1.0"
-RESULTS_SCHEMA_VERSION = "1.0"
+RESULTS_SCHEMA_VERSION = "1.1"  # 1.1: each result's "execution"
 EXIT_OK, EXIT_REGRESSION, EXIT_USAGE = 0, 1, 2
 
 # Regression thresholds (documented in the module docstring and in the summary).
@@ -122,6 +129,8 @@ class ModelSource:
     status: str = "ok"  # ok | export_failed
     message: str = ""
     inputs: Path | None = None  # a folder of .npz input sets (the zoo entry's own inputs)
+    size_bytes: int | None = None  # the model with its external data, when the manifest says
+    execution: dict | None = None  # where the export ran (the manifest record's "execution")
 
 
 def _sources_from_manifest(manifest: dict, folder: Path) -> list[ModelSource]:
@@ -133,13 +142,16 @@ def _sources_from_manifest(manifest: dict, folder: Path) -> list[ModelSource]:
         status = entry.get("status")
         file = entry.get("file")
         path = folder / file if file else None
+        placed = {"execution": entry.get("execution")}
         if status in ("ok", "skipped") and path is not None and path.is_file():
             tiny = bool((entry.get("export") or {}).get("tiny"))
             inputs = _zoo_inputs(name, tiny, folder) if entry.get("source") == "zoo" else None
-            sources.append(ModelSource(name, path, inputs=inputs))
+            size = entry.get("size_bytes")
+            size = size if isinstance(size, int) else None
+            sources.append(ModelSource(name, path, inputs=inputs, size_bytes=size, **placed))
         else:
             reason = entry.get("error") or entry.get("reason") or f"export status {status}"
-            sources.append(ModelSource(name, None, "export_failed", _line(reason)))
+            sources.append(ModelSource(name, None, "export_failed", _line(reason), **placed))
     return sources
 
 
@@ -164,11 +176,7 @@ def _zoo_inputs(name: str, tiny: bool, folder: Path) -> Path | None:
 
 
 def _export_zoo(
-    names: list[str] | None,
-    out: Path,
-    tiny: bool,
-    executor: str = "local",
-    address: str | None = None,
+    names: list[str] | None, out: Path, tiny: bool, executor: executors.Executor
 ) -> list[ModelSource]:
     try:
         from models.export import list_models
@@ -188,7 +196,14 @@ def _export_zoo(
     # export_all writes folder/manifest.json itself and keeps records of models not in this
     # run, so only the chosen ones are taken from it.
     manifest = export_all(
-        chosen, folder, tiny=tiny, jobs=2, progress=False, executor=executor, address=address
+        chosen,
+        folder,
+        tiny=tiny,
+        jobs=2,
+        progress=False,
+        executor=executor.kind,
+        address=executor.address,
+        retries=executor.retries,
     )
     models = {n: r for n, r in manifest.get("models", {}).items() if n in chosen}
     missing = {n: {"status": "failed", "error": "not in the export manifest"} for n in chosen}
@@ -209,7 +224,7 @@ def _build_kinds(names: list[str], out: Path) -> list[ModelSource]:
     for name in names:
         path = folder / f"{name}.onnx"
         onnx.save(getattr(kinds, name)(), path)
-        sources.append(ModelSource(name, path))
+        sources.append(ModelSource(name, path, size_bytes=path.stat().st_size))
     return sources
 
 
@@ -266,12 +281,36 @@ def summarize_report(report: Report | None) -> dict:
     return row
 
 
+def _row(model: str, recipe: str, status: str, message: str) -> dict:
+    """A result row without figures (a model that was not, or not yet, optimized)."""
+    row = {"model": model, "recipe": recipe, "status": status, "message": message}
+    row.update(summarize_report(None), seconds=0.0, report=None)
+    return row
+
+
+def optimize_model(
+    source: ModelSource, recipes: list[Recipe], out: Path, injected: str | None = None
+) -> list[dict]:
+    """Optimize one model with every recipe, one row each; never raises for a model's failure.
+
+    The unit of work of the optimize step, run where the executor puts it (a plain top-level
+    function: Ray pickles it by name). A worker process has not run ``main``, so it registers
+    the ``--inject-broken-pass`` pass itself, for this call only (Ray reuses workers).
+    """
+    added = injected is not None and injected not in REGISTRY
+    if added:
+        inject_broken_pass(injected)
+    try:
+        return [optimize_one(source, recipe, out) for recipe in recipes]
+    finally:
+        if added:
+            REGISTRY.pop(injected, None)
+
+
 def optimize_one(source: ModelSource, recipe: Recipe, out: Path) -> dict:
-    """Optimize one model with one recipe in-process; never raises for a model's failure."""
-    row = {"model": source.name, "recipe": recipe.name, "status": source.status}
-    row["message"] = source.message
+    """Optimize one model with one recipe in this process; never raises for a model's failure."""
+    row = _row(source.name, recipe.name, source.status, source.message)
     if source.path is None:
-        row.update(summarize_report(None), seconds=0.0, report=None)
         return row
     (out / "optimized").mkdir(parents=True, exist_ok=True)
     (out / "reports").mkdir(parents=True, exist_ok=True)
@@ -545,10 +584,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"models/kinds.py builders instead of the zoo ('all' = {', '.join(KIND_NAMES)})",
     )
     parser.add_argument("--tiny", action="store_true", help="export tiny zoo variants")
-    parser.add_argument(
-        "--executor", choices=("local", "ray"), default="local", help="where exports run"
-    )
-    parser.add_argument("--address", help="Ray cluster address (with --executor ray)")
+    executors.add_arguments(parser)
     parser.add_argument(
         "--recipes", default="default", help="comma-separated recipes (default: default)"
     )
@@ -589,7 +625,9 @@ def _split(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
-def _select_sources(args: argparse.Namespace, out: Path) -> tuple[list[ModelSource], str]:
+def _select_sources(
+    args: argparse.Namespace, out: Path, executor: executors.Executor
+) -> tuple[list[ModelSource], str]:
     """The models to optimize and where they came from (manifest | kinds | zoo)."""
     if args.manifest is not None:
         try:
@@ -598,12 +636,61 @@ def _select_sources(args: argparse.Namespace, out: Path) -> tuple[list[ModelSour
             raise UsageError(f"cannot read manifest {args.manifest}: {exc}") from exc
         if not isinstance(manifest, dict):
             raise UsageError(f"manifest {args.manifest} is not a JSON object")
-        return _sources_from_manifest(manifest, args.manifest.parent), "manifest"
+        return _sources_from_manifest(manifest, args.manifest.parent.resolve()), "manifest"
     if args.kinds is not None:
         names = list(KIND_NAMES) if args.kinds == "all" else _split(args.kinds)
         return _build_kinds(names, out), "kinds"
     chosen = _split(args.models) or None
-    return _export_zoo(chosen, out, args.tiny, args.executor, args.address), "zoo"
+    return _export_zoo(chosen, out, args.tiny, executor), "zoo"
+
+
+def _optimize_all(
+    sources: list[ModelSource],
+    recipes: list[Recipe],
+    out: Path,
+    injected: str | None,
+    executor: executors.Executor,
+) -> list[dict]:
+    """Every model with every recipe, one unit of work per model; rows in the order of
+    ``sources`` and ``recipes`` whatever order they finish in, each with where it ran."""
+    finished: dict[str, list[dict]] = {}
+
+    def on_done(item: executors.Work, outcome: executors.Outcome) -> None:
+        source = item.args[0]
+        rows = outcome.value
+        if rows is None:  # the worker died on every attempt, or could not be placed
+            message = _line(outcome.error)
+            rows = [_row(source.name, r.name, "crashed", message) for r in recipes]
+        for row in rows:
+            row["execution"] = {"export": source.execution, "optimize": outcome.placement}
+            logger.info("%s/%s: %s", row["model"], row["recipe"], row["status"])
+            print(f"{row['model']}/{row['recipe']}: {row['status']} {row['message']}".strip())
+        finished[source.name] = rows
+
+    work = [
+        executors.Work(
+            source.name,
+            optimize_model,
+            (source, recipes, out, injected),
+            memory=executors.memory_request(source.size_bytes),
+        )
+        for source in sources
+    ]
+    executor.run(work, on_done)
+    return [row for source in sources for row in finished[source.name]]
+
+
+def retry_notes(rows: list[dict]) -> list[str]:
+    """One note per model and step whose worker died on an attempt (rows of one model share
+    their placements, so a model is named once, not once per recipe)."""
+    notes = []
+    for row in rows:
+        for step, placement in row["execution"].items():
+            note = executors.retry_note(placement)
+            line = f"{row['model']}, {step}: {note}"
+            if note and line not in notes:
+                notes.append(line)
+    return notes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -625,23 +712,17 @@ def main(argv: list[str] | None = None) -> int:
                 recipes = [dataclasses.replace(r, passes=(injected, *r.passes)) for r in recipes]
             recipes = gate_recipes(recipes, args.time_kernels)
             baseline = None if args.update_baseline else load_baseline(args.baseline)
-            out: Path = args.out
+            executor = executors.from_args(args)
+            out: Path = args.out.resolve()  # the path a worker in another folder is given
             out.mkdir(parents=True, exist_ok=True)
-            sources, source_kind = _select_sources(args, out)
+            sources, source_kind = _select_sources(args, out, executor)
         except (UsageError, UserError) as exc:
             print(f"error: {_line(exc)}", file=sys.stderr)
             return EXIT_USAGE
         if not sources:
             print("error: no models to optimize", file=sys.stderr)
             return EXIT_USAGE
-
-        rows = []
-        for source in sources:
-            for recipe in recipes:
-                row = optimize_one(source, recipe, out)
-                logger.info("%s/%s: %s", row["model"], row["recipe"], row["status"])
-                print(f"{row['model']}/{row['recipe']}: {row['status']} {row['message']}".strip())
-                rows.append(row)
+        rows = _optimize_all(sources, recipes, out, injected, executor)
     finally:
         if injected:
             REGISTRY.pop(injected, None)
@@ -649,6 +730,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = []
     if injected:
         notes.append(f"injected broken pass `{injected}` (every Add -> Sub) ran first")
+    notes += retry_notes(rows)
     if args.update_baseline:
         data = baseline_from_rows(rows, recipe_names, source_kind, args.tiny)
         _write_json(args.baseline, data)

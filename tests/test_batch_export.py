@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -41,6 +40,7 @@ RECORD_FIELDS = {
     "validation",
     "seconds",
     "error",
+    "execution",
 }
 
 
@@ -114,7 +114,7 @@ def test_manifest_has_every_documented_field(tmp_path):
     run(tmp_path, ["alpha", "beta"], opset=18, tiny=True)
     manifest = read_manifest(tmp_path)
     assert list(manifest) == ["schema_version", "created", "versions", "models"]
-    assert manifest["schema_version"] == "1.0"
+    assert manifest["schema_version"] == "1.1"
     assert datetime.datetime.fromisoformat(manifest["created"]).tzinfo is not None
     assert set(manifest["versions"]) == {
         "torch",
@@ -138,6 +138,10 @@ def test_manifest_has_every_documented_field(tmp_path):
         assert record["validation"] == {"passed": True, "summary": "fake"}
         assert len(record["key"]) == 64 and record["source"] == "zoo"
         assert isinstance(record["seconds"], float)
+        execution = record["execution"]
+        assert execution["executor"] == "local" and execution["pid"] == os.getpid()
+        assert execution["attempts"] == 1 and execution["lost_attempts"] == []
+        assert execution["task_id"] is None and execution["node"]
     assert manifest["models"]["alpha"]["key"] != manifest["models"]["beta"]["key"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
@@ -178,8 +182,9 @@ def test_second_run_skips_everything_and_touches_nothing(tmp_path):
     for name in NAMES:
         assert (tmp_path / f"{name}.onnx").stat().st_mtime_ns == stamps[name]
         assert second["models"][name] == {**first["models"][name], "status": "skipped"}
-    # a third run still treats "skipped" records as up to date
-    run(tmp_path)
+    # a third run still treats "skipped" records as up to date, with worker processes too
+    # (nothing to do: no pool is started, an empty one would not start)
+    run(tmp_path, jobs=2)
     assert CALLS == []
 
 
@@ -273,6 +278,7 @@ def test_cli_exit_codes(tmp_path, capsys):
     assert batch_export.main(["--models", "alpha,beta", "--out", out, "--jobs", "1"]) == 0
     assert batch_export.main(["--models", "alpha,broken", "--out", out, "--jobs", "1"]) == 1
     captured = capsys.readouterr()
+    assert "\nfailed (1/2): broken\nmanifest: " in captured.out
     assert "[2/2] broken: failed" in captured.out or "[1/2] broken: failed" in captured.out
     assert batch_export.main(["--models", "alpha,nope", "--out", out]) == 2
     err = capsys.readouterr().err
@@ -294,11 +300,18 @@ def test_bad_usage_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         batch_export.main(["--out", str(tmp_path)])
     assert exc.value.code == 2
+    capsys.readouterr()
+    argv = ["--models", "alpha", "--out", str(tmp_path / "o")]
+    assert batch_export.main([*argv, "--address", "head:6379"]) == 2
+    assert capsys.readouterr().err == "error: --address needs --executor ray\n"
+    with pytest.raises(SystemExit) as exc:
+        batch_export.main([*argv, "--retries", "-1"])
+    assert exc.value.code == 2 and "must be 0 or more" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
-def test_ray_executor_without_ray_exits_2(tmp_path, capsys):
-    if importlib.util.find_spec("ray") is not None:
-        pytest.skip("ray is installed")
+def test_ray_executor_without_ray_exits_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # ``import ray`` raises ImportError
     argv = ["--models", "alpha", "--executor", "ray", "--address", "auto", "--out", str(tmp_path)]
     assert batch_export.main(argv) == 2
     assert capsys.readouterr().err.strip() == (
@@ -353,10 +366,23 @@ def test_process_pool_isolates_a_crashing_worker(tmp_path):
         "broken": "failed",
         "gamma": "ok",
     }
-    assert manifest["models"]["crash"]["error"] == "worker process crashed"
+    crash = manifest["models"]["crash"]
+    assert crash["error"].startswith("worker process crashed (")
+    assert crash["execution"]["attempts"] == 1 + batch_export.executors.DEFAULT_RETRIES
+    assert crash["execution"]["pid"] is None
+    for name in ("alpha", "beta", "gamma"):  # any victim of the broken pool ran again alone
+        execution = manifest["models"][name]["execution"]
+        assert execution["pid"] != os.getpid() and execution["attempts"] == 1 + len(
+            execution["lost_attempts"]
+        )
     assert manifest["models"]["broken"]["error"].startswith("FakeMismatch:")
     assert batch_export.exit_code(manifest) == 1
     assert read_manifest(tmp_path)["models"] == manifest["models"]
+    lines = batch_export.closing_lines(manifest)
+    assert lines[-1] == "failed (2/5): crash, broken"
+    assert "retried: crash: 3 of 3 attempt(s) on local lost, no attempt finished: " in "\n".join(
+        lines
+    )
 
 
 def test_worker_limits_torch_threads(tmp_path, monkeypatch):
