@@ -100,7 +100,8 @@ def test_a_later_run_reuses_the_stored_verdict(measured) -> None:
     first = check_rewrite(light, [light_out], heavy, [heavy_out], OPSETS)
     timing_store._stores.clear()
     again = check_rewrite(light, [light_out], heavy, [heavy_out], OPSETS)
-    assert len(measured) == 1 and first.verdict == "slower"
+    # Whatever the verdict (a loaded machine can turn "slower" into "same"), it is reused.
+    assert len(measured) == 1
     assert again == dataclasses.replace(first, stored=True) and not first.stored
     assert len(list(timing_store.store_path().parent.glob("*.json"))) == 1
 
