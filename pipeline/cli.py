@@ -107,6 +107,22 @@ def _quantize_options(provider: str, **fields):
     return options
 
 
+def _prune_options(spec: str | None, max_drop: float | None, reconstruct: bool):
+    """Validate the --prune flags now (exit 2 on a bad value, before any work)."""
+    if spec is None:
+        if max_drop is not None:
+            raise UserError("--prune-max-drop needs --prune")
+        return None
+    from pipeline.pruning import spec as spec_mod
+    from pipeline.pruning.stage import DEFAULT_MAX_DROP, PruneOptions
+
+    try:
+        chosen = DEFAULT_MAX_DROP if max_drop is None else max_drop
+        return PruneOptions(spec_mod.parse(spec), max_drop=chosen, reconstruct=reconstruct)
+    except ValueError as exc:
+        raise UserError(f"--prune {spec}: {exc}") from exc
+
+
 class ConsoleListener:
     """Prints each stage and each pass application as it happens."""
 
@@ -151,6 +167,13 @@ def _summary(report: Report) -> Table:
         check = report.quantization.get("final_check") or {}
         table.add_row("precision", "fp32", f"{report.quantization['precision']}")
         table.add_row("accuracy", "", check.get("summary", ""))
+    if report.pruning and report.pruning.get("pruned"):
+        width = report.pruning["ffn_width"]
+        table.add_row(
+            "FFN width",
+            str(width["before"]),
+            f"{width['after']}  ({report.pruning['final_check']['summary']})",
+        )
     if report.parity:
         worst = max((o["max_abs_error"] or 0.0 for o in report.parity["outputs"]), default=0.0)
         table.add_row(
@@ -373,6 +396,28 @@ def optimize(
         float,
         typer.Option(help="LM guard: share of positions where the greedy next token agrees."),
     ] = 0.90,
+    prune: Annotated[
+        str | None,
+        typer.Option(
+            help="Structured pruning before quantization: ffn=FRACTION (share of the "
+            "feed-forward channels removed, per block by measured importance; needs "
+            "--calibration) or auto (the largest share within --prune-max-drop)."
+        ),
+    ] = None,
+    prune_max_drop: Annotated[
+        float | None,
+        typer.Option(
+            help="Pruning's budget on --metric's drop against the unpruned model (default "
+            "0.03; perplexity: the relative increase)."
+        ),
+    ] = None,
+    prune_reconstruct: Annotated[
+        bool,
+        typer.Option(
+            "--prune-reconstruct/--no-prune-reconstruct",
+            help="Refit each down projection by least squares on calibration activations.",
+        ),
+    ] = True,
     list_passes: Annotated[
         bool, typer.Option(help="List registered passes and recipes, then exit.")
     ] = False,
@@ -444,6 +489,7 @@ def optimize(
                 min_neighbour_agreement=min_neighbour_agreement,
                 lm_budget=(max_perplexity_increase, min_top1),
             ),
+            prune=_prune_options(prune, prune_max_drop, prune_reconstruct),
         )
         result = run(options, sink, ConsoleListener(quiet))
         candidates = _candidates(result)
