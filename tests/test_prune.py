@@ -550,3 +550,29 @@ def test_cli_fixed_share_over_budget_exits_1(tmp_path):
     assert done.returncode == 1, done.stderr
     assert "prune ffn=0.8: mean cosine" in " ".join(done.stderr.split())
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_cli_prunes_a_causal_lm_judged_on_text(tmp_path):
+    """A tiny SmolLM2 export (SwiGLU MLPs; after the fusions a packed gate/up MatMul + Split
+    + QuickGelu), its tokenizer beside it under the zoo's name (``NAME.tokenizer.json``): the
+    moments come from windows of text, the final check is perplexity on held-out text."""
+    from models.export import export_model
+    from tests.test_lm_guard import byte_tokenizer
+
+    path = tmp_path / "lm.onnx"
+    export_model("smollm2", path, tiny=True)
+    byte_tokenizer(tmp_path / "lm.tokenizer.json")
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    done = run_cli(
+        path, "-o", out, "--report", report, "--no-speed-check", "--prune", "ffn=0.25",
+        "--prune-max-drop", "5", "--min-top1", "0", timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    section = json.loads(report.read_text())["pruning"]
+    assert section["metric"] == "perplexity"
+    assert "windows of 256 tokens of the bundled calibration text" in section["data"]["importance"]
+    assert {row["activation"] for row in section["layers"]} == {"QuickGelu"}
+    assert section["final_check"]["outputs"]["split"] == "evaluation"
+    width = section["ffn_width"]
+    assert width["after"] == width["before"] - round(0.25 * width["before"])

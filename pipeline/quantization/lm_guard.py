@@ -127,7 +127,10 @@ class LmEvaluator:
     ) -> None:
         self.budget, self.split = budget, split
         text = lm_quality.bundled_text(split) if text is None else text
-        ids = np.asarray(lm_quality.load_tokenizer(Path(tokenizer).parent).encode(text).ids)
+        from tokenizers import Tokenizer
+
+        # The file itself: the zoo's export names it NAME.tokenizer.json, not tokenizer.json.
+        ids = np.asarray(Tokenizer.from_file(str(tokenizer)).encode(text).ids)
         self.windows = lm_quality.token_windows(ids, LENGTH, WINDOWS)
         self.reference = self._score(fp32_path)
 
