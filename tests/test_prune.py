@@ -460,34 +460,6 @@ def test_spec_parsing():
             spec.parse(bad)
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--prune", "ffn=1.5"], "fraction must be in (0, 1), got 1.5"),
-        (["--prune", "bogus=0.1"], "unknown pruning target 'bogus'"),
-        (["--prune-max-drop", "0.1"], "--prune-max-drop needs --prune"),
-        (["--prune", "ffn=0.2"], "--prune needs real data (--calibration DIR)"),
-    ],
-)
-def test_cli_bad_prune_arguments_exit_2_in_one_line(tmp_path, args, message):
-    src = _save(build("bias_gelu"), tmp_path / "m.onnx")
-    out = tmp_path / "out.onnx"
-    done = run_cli(src, "-o", out, *args)
-    assert done.returncode == 2, done.stderr
-    assert message in " ".join(done.stderr.split())
-    assert "Traceback" not in done.stderr and not out.exists()
-
-
-def test_cli_model_without_ffn_says_so(tmp_path):
-    src = _save(_linear_pair(), tmp_path / "m.onnx")
-    calibration = _calibration(tmp_path / "calib")
-    done = run_cli(
-        src, "-o", tmp_path / "o.onnx", "--prune", "ffn=0.2", "--calibration", calibration
-    )
-    assert done.returncode == 2
-    assert "no feed-forward block found" in " ".join(done.stderr.split())
-
-
 @pytest.mark.parametrize("kind, refit", [("gelu", True), ("packed", False)])
 def test_cli_prune_then_quantize(tmp_path, kind, refit):
     """After the fusions (the exported GELU becomes BiasGelu; the packed form stays), prune a
@@ -576,3 +548,12 @@ def test_cli_prunes_a_causal_lm_judged_on_text(tmp_path):
     assert section["final_check"]["outputs"]["split"] == "evaluation"
     width = section["ffn_width"]
     assert width["after"] == width["before"] - round(0.25 * width["before"])
+
+
+def test_bench_refuses_smollm2_without_its_model(capsys):
+    from pipeline.bench.prune import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--only", "smollm2"])
+    assert stopped.value.code == 2
+    assert "--smollm2 OPTIMIZED.onnx is needed" in capsys.readouterr().err
