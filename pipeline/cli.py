@@ -168,12 +168,9 @@ def _summary(report: Report) -> Table:
         table.add_row("precision", "fp32", f"{report.quantization['precision']}")
         table.add_row("accuracy", "", check.get("summary", ""))
     if report.pruning and report.pruning.get("pruned"):
-        width = report.pruning["ffn_width"]
-        table.add_row(
-            "FFN width",
-            str(width["before"]),
-            f"{width['after']}  ({report.pruning['final_check']['summary']})",
-        )
+        for target, total in report.pruning["totals"].items():
+            table.add_row(f"pruned {target}", str(total["before"]), str(total["after"]))
+        table.add_row("pruning accuracy", "", report.pruning["final_check"]["summary"])
     if report.parity:
         worst = max((o["max_abs_error"] or 0.0 for o in report.parity["outputs"]), default=0.0)
         table.add_row(
@@ -401,7 +398,8 @@ def optimize(
         typer.Option(
             help="Structured pruning before quantization: ffn=FRACTION (share of the "
             "feed-forward channels removed, per block by measured importance; needs "
-            "--calibration) or auto (the largest share within --prune-max-drop)."
+            "--calibration), heads=FRACTION (attention heads of fused Attention), both "
+            "(ffn=0.2,heads=0.25), or auto (the largest ffn share within --prune-max-drop)."
         ),
     ] = None,
     prune_max_drop: Annotated[

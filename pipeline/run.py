@@ -303,7 +303,7 @@ def run(options: RunOptions, report_sink: list[Report], listener: Listener | Non
     report.seconds["load"] = time.perf_counter() - started
     quantize_options = _quantize_options_for(model, options)
     if options.prune is not None:
-        prune_mod.check(model, quantize_options)
+        prune_mod.check(model, quantize_options, options.prune.spec, fused=False)
     recipe, resolution = _resolve_provider(options, recipe, report, listener)
 
     listener.stage("reference run")

@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graph_passes.match import all_names
 from pipeline.pruning import ffn, importance, moments, reconstruct, spec
+from pipeline.pruning.graph import Rewrite
 from pipeline.pruning.stage import Point, check_interface, largest_within
 from pipeline.runtime.errors import VerificationFailed
 from tests.test_cli import run_cli
@@ -151,6 +152,13 @@ def feeds(count: int = 4, batch: int = 3, seed: int = 1) -> list[dict[str, np.nd
     ]
 
 
+def prune_one(model: ir.Model, block, keep, weight, intercept=None) -> None:
+    """``ffn.prune`` of one block, in one rewrite."""
+    rewrite = Rewrite(model.graph, all_names(model))
+    ffn.prune(rewrite, block, keep, weight, intercept)
+    rewrite.finish()
+
+
 def run(model: onnx.ModelProto | ir.Model, feed: dict) -> np.ndarray:
     proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
     options = ort.SessionOptions()
@@ -235,9 +243,10 @@ def test_pruned_model_computes_exactly_the_kept_channels(kind):
     keeps = [np.sort(rng.choice(INTER, size=40, replace=False)) for _ in blocks]
     removed = [np.setdiff1d(np.arange(INTER), keep) for keep in keeps]
     downs = [b.down.inputs[1].name for b in blocks]
-    names = all_names(model)
+    rewrite = Rewrite(model.graph, all_names(model))
     for block, keep in zip(blocks, keeps, strict=True):
-        ffn.prune(model.graph, block, keep, block.down_weight()[keep], None, names)
+        ffn.prune(rewrite, block, keep, block.down_weight()[keep], None)
+    rewrite.finish()
     pruned = ir.to_proto(model)
     onnx.checker.check_model(pruned, full_check=True)  # declared shapes were updated
     onnx.shape_inference.infer_shapes(pruned, check_type=True, strict_mode=True)
@@ -267,7 +276,7 @@ def test_intercept_without_a_bias_adds_one_and_keeps_the_output_name():
     assert block.bias is None and block.residual is None
     keep = np.arange(0, INTER, 2)
     intercept = np.full(HIDDEN, 0.25)
-    ffn.prune(model.graph, block, keep, block.down_weight()[keep], intercept, all_names(model))
+    prune_one(model, block, keep, block.down_weight()[keep], intercept)
     pruned = ir.to_proto(model)
     onnx.checker.check_model(pruned, full_check=True)
     assert [o.name for o in pruned.graph.output] == ["y"]
@@ -275,7 +284,7 @@ def test_intercept_without_a_bias_adds_one_and_keeps_the_output_name():
     feed = feeds(1)[0]
     unbiased = ir.from_proto(proto)
     (plain,) = ffn.find_blocks(unbiased)
-    ffn.prune(unbiased.graph, plain, keep, plain.down_weight()[keep], None, all_names(unbiased))
+    prune_one(unbiased, plain, keep, plain.down_weight()[keep])
     np.testing.assert_allclose(run(pruned, feed), run(unbiased, feed) + 0.25, rtol=1e-5, atol=1e-5)
 
 
@@ -383,7 +392,7 @@ def test_reconstruction_reduces_block_error_on_held_out_data():
     for label, (w, c) in {"plain": (weight[keep], None), "refit": (new_weight, intercept)}.items():
         pruned = ir.from_proto(_redundant_model())
         (target,) = ffn.find_blocks(pruned)
-        ffn.prune(pruned.graph, target, keep, w, c, all_names(pruned))
+        prune_one(pruned, target, keep, w, c)
         outputs[label] = [run(pruned, f) for f in feeds(8, seed=2)]
     full = [run(_redundant_model(), f) for f in feeds(8, seed=2)]
     error = {
@@ -478,8 +487,9 @@ def test_cli_prune_then_quantize(tmp_path, kind, refit):
     section = data["pruning"]
     assert section["reconstruction"] is refit
     assert all(("block_error_refit" in row) is refit for row in section["layers"])
-    assert section["final_check"]["passed"] and section["ffn_width"]["before"] == 2 * INTER
-    assert section["ffn_width"]["after"] == 2 * INTER - round(0.25 * 2 * INTER)
+    totals = section["totals"]["ffn"]
+    assert section["final_check"]["passed"] and totals["before"] == 2 * INTER
+    assert totals["after"] == 2 * INTER - round(0.25 * 2 * INTER)
     assert data["quantization"]["final_check"]["passed"]
     result = onnx.load(str(out))
     ops = {n.op_type for n in result.graph.node}
@@ -505,7 +515,7 @@ def test_cli_auto_stops_within_budget(tmp_path):
     within = [p["fraction"] for p in search if p["within_budget"]]
     missed = [p["fraction"] for p in search if not p["within_budget"]]
     assert within and missed, search  # the search went past the budget and came back
-    assert section["fraction"] == max(within) < min(missed)
+    assert section["fractions"] == {"ffn": max(within)} and max(within) < min(missed)
     assert round(min(missed) - max(within), 6) == 0.05  # adjacent on the grid
     assert all(p["drop"] <= budget for p in search if p["within_budget"])
     assert section["pruned"] and section["final_check"]["metric"] == "cosine"
@@ -546,7 +556,7 @@ def test_cli_prunes_a_causal_lm_judged_on_text(tmp_path):
     assert "windows of 256 tokens of the bundled calibration text" in section["data"]["importance"]
     assert {row["activation"] for row in section["layers"]} == {"QuickGelu"}
     assert section["final_check"]["outputs"]["split"] == "evaluation"
-    width = section["ffn_width"]
+    width = section["totals"]["ffn"]
     assert width["after"] == width["before"] - round(0.25 * width["before"])
 
 
@@ -557,3 +567,100 @@ def test_bench_refuses_smollm2_without_its_model(capsys):
         main(["--only", "smollm2"])
     assert stopped.value.code == 2
     assert "--smollm2 OPTIMIZED.onnx is needed" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- attention heads
+
+HEADS = 4
+
+
+def attention_model(layers: int = 2, seed: int = 0, **attributes) -> onnx.ModelProto:
+    """``layers`` x (fused com.microsoft Attention of HEADS heads -> MatMul(W_o) -> Add(b_o)
+    -> + x), then a BiasGelu block: the form ``fuse_attention`` leaves an encoder in."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, info, x = [], [], [], "x"
+    for layer in range(layers):
+        p = f"a{layer}_"
+        inits += [
+            _init(f"{p}wqkv", rng.standard_normal((HIDDEN, 3 * HIDDEN)) / 4),
+            _init(f"{p}bqkv", rng.standard_normal(3 * HIDDEN) / 4),
+            _init(f"{p}wo", rng.standard_normal((HIDDEN, HIDDEN)) / 4),
+            _init(f"{p}bo", rng.standard_normal(HIDDEN) / 8),
+        ]
+        nodes += [
+            helper.make_node(
+                "Attention", [x, f"{p}wqkv", f"{p}bqkv"], [f"{p}att"], domain=MS,
+                num_heads=HEADS, **attributes,
+            ),
+            helper.make_node("MatMul", [f"{p}att", f"{p}wo"], [f"{p}o"]),
+            helper.make_node("Add", [f"{p}o", f"{p}bo"], [f"{p}ob"]),
+            helper.make_node("Add", [x, f"{p}ob"], [f"{p}r"]),
+        ]  # fmt: skip
+        info.append(_inter_info(f"{p}att", HIDDEN))
+        x = f"{p}r"
+    parts = gelu_block("f_", x, "y", rng, fused=True)
+    return _model(nodes + parts[0], inits + parts[1], info + parts[2])
+
+
+def test_attention_heads_are_found_on_the_fused_op_only_in_its_plain_form():
+    from pipeline.pruning import heads
+
+    blocks = heads.find_blocks(ir.from_proto(attention_model()))
+    assert [(b.heads, b.head_size, b.residual is not None) for b in blocks] == [(4, 4, True)] * 2
+    assert heads.find_blocks(ir.from_proto(attention_model(qkv_hidden_sizes=[16, 16, 16]))) == []
+    assert heads.find_blocks(ir.from_proto(build("bias_gelu"))) == []
+
+
+def test_pruned_heads_compute_exactly_the_kept_heads():
+    """Removing heads equals zeroing their rows of W_o: a misplaced Q, K or V column, bias
+    entry or head count breaks the equality."""
+    from pipeline.pruning import heads
+
+    model = ir.from_proto(attention_model())
+    blocks = heads.find_blocks(model)
+    keeps = [np.array([0, 2, 3]), np.array([1])]
+    rewrite = Rewrite(model.graph, all_names(model))
+    for block, keep in zip(blocks, keeps, strict=True):
+        heads.prune(rewrite, block, keep, block.down_weight()[block.channels(keep)], None)
+    rewrite.finish()
+    pruned = ir.to_proto(model)
+    onnx.checker.check_model(pruned, full_check=True)
+    attention = [n for n in pruned.graph.node if n.op_type == "Attention"]
+    assert [n.attribute[0].i for n in attention] == [3, 1]
+    reference = attention_model()
+    removed = [
+        np.setdiff1d(np.arange(HIDDEN), b.channels(k)) for b, k in zip(blocks, keeps, strict=True)
+    ]
+    _zero_rows(reference, ["a0_wo", "a1_wo"], removed)
+    for feed in feeds(2):
+        np.testing.assert_allclose(run(pruned, feed), run(reference, feed), rtol=1e-5, atol=1e-5)
+
+
+def test_cli_prunes_heads_and_ffn_together(tmp_path):
+    src = _save(attention_model(seed=3), tmp_path / "m.onnx")
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    calibration = _calibration(tmp_path / "calib")
+    done = run_cli(
+        src, "-o", out, "--report", report, "--no-speed-check", "--prune",
+        "ffn=0.25,heads=0.5", "--prune-max-drop", "0.5", "--calibration", calibration,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    section = json.loads(report.read_text())["pruning"]
+    assert section["targets"] == "ffn=0.25,heads=0.5"
+    assert section["totals"]["heads"]["before"] == 2 * HEADS
+    assert section["totals"]["heads"]["after"] == HEADS
+    assert section["totals"]["ffn"]["after"] == INTER - INTER // 4
+    result = onnx.load(str(out))
+    kept = [a.i for n in result.graph.node if n.op_type == "Attention" for a in n.attribute]
+    assert sum(kept) == HEADS
+    assert run(result, feeds(1)[0]).shape == (3, SEQ, HIDDEN)
+
+
+def test_cli_heads_without_fused_attention_says_so(tmp_path):
+    src = _save(build("bias_gelu"), tmp_path / "m.onnx")
+    done = run_cli(
+        src, "-o", tmp_path / "o.onnx", "--prune", "heads=0.25",
+        "--calibration", _calibration(tmp_path / "calib"),
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "--prune heads: no prunable attention found" in " ".join(done.stderr.split())

@@ -50,6 +50,8 @@ MINILM_ROWS = (  # (label, --prune, refit, --precision); the first row is the ba
     *((f"ffn={f}", f"ffn={f}", True, "fp32") for f in (0.1, 0.2, 0.3, 0.4)),
     *((f"ffn={f}, no refit", f"ffn={f}", False, "fp32") for f in (0.2, 0.4)),
     ("auto (budget 0.03)", "auto", True, "fp32"),
+    ("heads=0.25", "heads=0.25", True, "fp32"),
+    ("ffn=0.2,heads=0.25", "ffn=0.2,heads=0.25", True, "fp32"),
     ("int8-dynamic alone", None, True, "int8-dynamic"),
     ("ffn=0.2 + int8-dynamic", "ffn=0.2", True, "int8-dynamic"),
 )
@@ -63,6 +65,8 @@ SMOLLM2_ROWS = (
     ("ffn=0.2 + int4", "ffn=0.2", True, "int4"),
 )
 LM_BUDGET = 5.0  # the rows report what pruning costs; no budget is meant to stop them
+LOOSE_BUDGET = 0.5
+MINILM_UNITS = {"ffn": 9216, "heads": 72}  # 6 layers of 1536 FFN channels and 12 heads
 
 
 def _minilm_build(fp32: Path, target: Path, data: dict[str, Path], row) -> dict:
@@ -81,8 +85,9 @@ def _minilm_build(fp32: Path, target: Path, data: dict[str, Path], row) -> dict:
         max_drop=0.01 if precision != "fp32" else None,
     )
     options = None
-    if prune is not None:
-        options = prune_stage.PruneOptions(spec_mod.parse(prune), reconstruct=refit)
+    if prune is not None:  # a fixed share reports what it costs; auto is held to the default
+        budget = prune_stage.DEFAULT_MAX_DROP if prune == "auto" else LOOSE_BUDGET
+        options = prune_stage.PruneOptions(spec_mod.parse(prune), budget, reconstruct=refit)
     recipe = load_recipe("default").with_overrides(speed_check=False)
     report = run(RunOptions(fp32, target, recipe, quantize=accuracy, prune=options), [])
     return report.to_dict()
@@ -103,13 +108,13 @@ def bench_minilm(args, work: Path) -> tuple[list[str], list[dict]]:
     reference = q.embed(fp32, batches, 2)
     feed = q.long_feed(held_out)
     lines = [
-        "| configuration | FFN width | pooled cosine | NN agree | CPU time vs export "
-        "(1 thread) | CPU time vs fused | wall vs fused (2 threads) |",
+        "| configuration | FFN channels / heads kept | pooled cosine | NN agree | CPU time vs "
+        "export (1 thread) | CPU time vs fused | wall vs fused (2 threads) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     rows, fused = [], work / "minilm-0.onnx"
     for index, row in enumerate(MINILM_ROWS):
-        if index and args.filter and args.filter not in row[0]:
+        if index and not q.selected(args, row[0]):
             continue  # the first row, the fused unpruned model, is every row's baseline
         target = work / f"minilm-{index}.onnx"
         started = time.perf_counter()
@@ -117,10 +122,11 @@ def bench_minilm(args, work: Path) -> tuple[list[str], list[dict]]:
         built = time.perf_counter() - started
         embeddings = q.embed(target, batches, 2)
         pruning = report.get("pruning") or {}
-        width = pruning.get("ffn_width", {})
+        totals = pruning.get("totals", {})
+        kept = [totals[t]["after"] if t in totals else full for t, full in MINILM_UNITS.items()]
         result = {
             "label": row[0],
-            "ffn_width": f"{width['after']} / {width['before']}" if width else "9216",
+            "kept": " / ".join(map(str, kept)),
             "pooled_cosine": float(q.cosine_rows(reference, embeddings).mean()),
             "nn_agreement": q.nn_agreement(reference, embeddings),
             "cpu_vs_export": q.latency_ratio(fp32, target, feed, 1, args.rounds, time.thread_time),
@@ -131,7 +137,7 @@ def bench_minilm(args, work: Path) -> tuple[list[str], list[dict]]:
         }
         rows.append(result)
         lines.append(
-            f"| {row[0]} | {result['ffn_width']} | {result['pooled_cosine']:.4f} | "
+            f"| {row[0]} | {result['kept']} | {result['pooled_cosine']:.4f} | "
             f"{result['nn_agreement']:.3f} | {_ratio(result['cpu_vs_export'])} | "
             f"{_ratio(result['cpu_vs_fused'])} | {_ratio(result['wall_vs_fused'])} |"
         )
@@ -161,7 +167,7 @@ def bench_smollm2(args, work: Path) -> tuple[list[str], list[dict]]:
     ]
     rows = []
     for index, (label, prune, refit, precision) in enumerate(SMOLLM2_ROWS):
-        if args.filter and args.filter not in label:
+        if not q.selected(args, label):
             continue
         started = time.perf_counter()
         candidate, width = model, None
@@ -171,7 +177,7 @@ def bench_smollm2(args, work: Path) -> tuple[list[str], list[dict]]:
                 spec_mod.parse(prune), max_drop=LM_BUDGET, reconstruct=refit, latency_rounds=3
             )
             candidate, pruning = prune_stage.run_stage(model, options, accuracy, sets, reference)
-            width = pruning["ffn_width"]
+            width = pruning["totals"]["ffn"]
         if precision != "fp32":
             lowered = dataclasses.replace(accuracy, precision=precision)
             candidate, _ = quantize_stage.run_stage(candidate, lowered, sets, reference)
@@ -213,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smollm2", type=Path, help="SmolLM2 after optimize.py")
     parser.add_argument("--rounds", type=int, default=31, help="MiniLM latency rounds")
     parser.add_argument("--generate-rounds", type=int, default=5, help="SmolLM2 rounds")
-    parser.add_argument("--filter", default="", help="only rows whose label has this")
+    parser.add_argument("--filter", default="", help="only rows whose label has this (a|b)")
     parser.add_argument("--json", type=Path, help="also write every figure here")
     args = parser.parse_args(argv)
     parts = {"minilm": bench_minilm, "smollm2": bench_smollm2}

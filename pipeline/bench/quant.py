@@ -147,7 +147,7 @@ def latency_ratio(
     return stats.ratio, stats.noise
 
 
-def _selected(args, label: str) -> bool:
+def selected(args, label: str) -> bool:
     """``--filter a|b``: rows whose label contains any of the alternatives (all when empty)."""
     return not args.filter or any(part in label for part in args.filter.split("|"))
 
@@ -387,7 +387,7 @@ def bench_minilm(args, work: Path) -> list[str]:
     ]
     rows = []
     for index, (label, build) in enumerate(configs):
-        if not _selected(args, label):
+        if not selected(args, label):
             continue
         target = work / f"minilm-{index}.onnx"
         try:
@@ -523,7 +523,7 @@ def bench_cnn(args, work: Path) -> list[str]:
     ]
     rows = []
     for index, (label, build) in enumerate(configs):
-        if not _selected(args, label):
+        if not selected(args, label):
             continue
         try:
             target = build(work / f"det-{index}.onnx")
@@ -636,7 +636,7 @@ def bench_gpt2(args, work: Path) -> list[str]:
     for algorithm in ("rtn", "hqq"):
         for block in (32, 128):
             label = f"tool int4 {algorithm} block {block}"
-            if not _selected(args, label):
+            if not selected(args, label):
                 continue
             target = work / f"gpt2-{algorithm}-{block}.onnx"
             try:

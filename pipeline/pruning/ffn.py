@@ -34,9 +34,16 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes.base import constant_array, is_standard
-from graph_passes.match import FLOAT_TYPES, fresh_name, is_op, new_initializer
+from graph_passes.match import is_op
+from pipeline.pruning.graph import (
+    MS_DOMAIN,
+    Rewrite,
+    bias_of,
+    matmul_weight,
+    residual_of,
+    resized,
+)
 
-MS_DOMAIN = "com.microsoft"
 # Element-wise ops a channel region may hold: (domain, op type). Activations are the ones
 # a region needs at least one of (or a product of two region values, a gate).
 LINEAR = {("", "Add"), ("", "Sub"), ("", "Mul"), ("", "Div"), ("", "Neg"), ("", "Identity")}
@@ -99,19 +106,17 @@ class FfnBlock:
         """``h``, the down projection's input: the channels importance is measured on."""
         return self.down.inputs[0]
 
+    @property
+    def units(self) -> int:
+        """What is kept or removed: channels."""
+        return self.width
+
     def down_weight(self) -> np.ndarray:
         return constant_array(self.down.inputs[1])
 
-
-def _weight(node: ir.Node) -> np.ndarray | None:
-    """The constant 2-D float weight of a standard ``MatMul(x, W)``, else None."""
-    if not (is_op(node, "MatMul") and is_standard(node)) or len(node.inputs) != 2:
-        return None
-    value = node.inputs[1]
-    if value is None or value.dtype not in FLOAT_TYPES:
-        return None
-    array = constant_array(value)
-    return array if array is not None and array.ndim == 2 else None
+    def channels(self, units: np.ndarray) -> np.ndarray:
+        """The channels of ``h`` that ``units`` keep: the same ones."""
+        return units
 
 
 def _per_channel(array: np.ndarray, width: int) -> bool:
@@ -133,7 +138,7 @@ def _packed(split: ir.Node, width: int) -> Projection | None:
     if not (is_op(split, "Split") and is_standard(split)) or not _split_axis_is_last(split):
         return None
     matmul = split.inputs[0].producer()
-    weight = None if matmul is None else _weight(matmul)
+    weight = None if matmul is None else matmul_weight(matmul)
     parts = len(split.outputs)
     if weight is None or weight.shape[1] != parts * width:
         return None
@@ -149,7 +154,7 @@ def _packed(split: ir.Node, width: int) -> Projection | None:
 
 def block_at(down: ir.Node) -> FfnBlock | None:
     """The feed-forward block whose down projection is ``down``, or None."""
-    weight = _weight(down)
+    weight = matmul_weight(down)
     hidden = down.inputs[0] if weight is not None else None
     if hidden is None or hidden.is_graph_output() or len(hidden.uses()) != 1:
         return None
@@ -169,7 +174,7 @@ def block_at(down: ir.Node) -> FfnBlock | None:
         node = value.producer()
         if node is None or value.is_graph_output():
             return None
-        projection_weight = _weight(node)
+        projection_weight = matmul_weight(node)
         if projection_weight is not None:
             if projection_weight.shape[1] != width:
                 return None
@@ -212,8 +217,8 @@ def block_at(down: ir.Node) -> FfnBlock | None:
         channel_constants=constants,
         values=values,
         down=down,
-        bias=_bias_of(down),
-        residual=_residual_of(down),
+        bias=bias_of(down),
+        residual=residual_of(down),
         activation="+".join(sorted({n.op_type for n in nodes if _key(n) in ACTIVATIONS})),
     )
 
@@ -222,123 +227,38 @@ def _key(node: ir.Node) -> tuple[str, str]:
     return ("" if is_standard(node) else node.domain, node.op_type)
 
 
-def _bias_of(down: ir.Node) -> tuple[ir.Node, int] | None:
-    """The ``Add`` of a constant ``[H]`` that alone reads the down projection's output."""
-    out = down.outputs[0]
-    uses = list(out.uses())
-    if out.is_graph_output() or len(uses) != 1:
-        return None
-    add = uses[0].node
-    if not (is_op(add, "Add") and is_standard(add)) or len(add.inputs) != 2:
-        return None
-    other = 1 - uses[0].idx
-    bias = constant_array(add.inputs[other])
-    hidden = constant_array(down.inputs[1]).shape[1]
-    if bias is None or bias.ndim != 1 or bias.shape[0] != hidden:
-        return None
-    return add, other
-
-
-SKIP_NORMS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
-
-
-def _residual_of(down: ir.Node) -> ir.Value | None:
-    """The residual stream the block output (after its bias) is added to: the other input
-    of the ``Add``, or of the fused ``Skip(Simplified)LayerNormalization``, that reads it."""
-    bias = _bias_of(down)
-    out = (bias[0] if bias is not None else down).outputs[0]
-    uses = list(out.uses())
-    if out.is_graph_output() or len(uses) != 1:
-        return None
-    node, index = uses[0].node, uses[0].idx
-    adds = is_op(node, "Add") and is_standard(node) and len(node.inputs) == 2
-    skips = node.domain == MS_DOMAIN and node.op_type in SKIP_NORMS and index in (0, 1)
-    if not (adds or skips):
-        return None
-    other = node.inputs[1 - index]
-    return None if other is None or constant_array(other) is not None else other
-
-
 def find_blocks(model: ir.Model) -> list[FfnBlock]:
     """Every feed-forward block of the main graph, in graph order."""
     return [block for node in model.graph if (block := block_at(node)) is not None]
 
 
-def _resized(shape: ir.Shape | None, last: int) -> ir.Shape | None:
-    if shape is None or len(shape) == 0:
-        return shape
-    return ir.Shape([*list(shape)[:-1], last])
-
-
 def prune(
-    graph: ir.Graph,
+    rewrite: Rewrite,
     block: FfnBlock,
     keep: np.ndarray,
     down_weight: np.ndarray,
     intercept: np.ndarray | None,
-    names: set[str],
 ) -> None:
     """Keep the channels ``keep`` (sorted indices) of ``block``; ``down_weight [len(keep), H]``
-    replaces ``W_down`` and ``intercept [H]`` (None: no change) is added to its bias (an
-    ``Add`` is inserted where the block has none)."""
-    replaced: list[ir.Value] = []
-
-    def swap(node: ir.Node, index: int, array: np.ndarray) -> None:
-        old = node.inputs[index]
-        dtype = constant_array(old).dtype
-        base = f"{old.name or node.name or 'ffn'}_pruned"
-        node.replace_input_with(index, new_initializer(graph, names, base, array.astype(dtype)))
-        replaced.append(old)
-
+    replaces ``W_down`` and ``intercept [H]`` (None: no change) is added to its bias
+    (``Rewrite.down``)."""
     kept = len(keep)
     for projection in block.projections:
         weight = constant_array(projection.node.inputs[1])
         columns = np.concatenate([part * block.width + keep for part in range(projection.parts)])
-        swap(projection.node, 1, weight[:, columns])
+        rewrite.swap(projection.node, 1, weight[:, columns])
         out = projection.node.outputs[0]
-        out.shape = _resized(out.shape, kept * projection.parts)
+        out.shape = resized(out.shape, kept * projection.parts)
         split = projection.split
         if split is None:
             continue
         widths = np.full(projection.parts, kept, dtype=np.int64)
         if len(split.inputs) > 1 and split.inputs[1] is not None:
-            swap(split, 1, widths)
+            rewrite.swap(split, 1, widths)
         elif "split" in split.attributes:
             split.attributes["split"] = ir.AttrInt64s("split", widths.tolist())
     for node, index in block.channel_constants:
-        swap(node, index, constant_array(node.inputs[index])[..., keep])
+        rewrite.swap(node, index, constant_array(node.inputs[index])[..., keep])
     for value in block.values:
-        value.shape = _resized(value.shape, kept)
-    swap(block.down, 1, down_weight)
-    if intercept is not None:
-        if block.bias is not None:
-            add, index = block.bias
-            swap(add, index, constant_array(add.inputs[index]) + intercept)
-        else:
-            _add_bias(graph, block.down, intercept, names)
-    for value in replaced:
-        unused = not value.uses() and not value.is_graph_output()
-        if unused and value.is_initializer() and graph.initializers.get(value.name) is value:
-            del graph.initializers[value.name]
-
-
-def _add_bias(graph: ir.Graph, down: ir.Node, intercept: np.ndarray, names: set[str]) -> None:
-    """``Add(down output, intercept)`` takes the down output's place (and name, when it is
-    a graph output): the refit's intercept where the block had no bias."""
-    out = down.outputs[0]
-    dtype = constant_array(down.inputs[1]).dtype
-    bias = new_initializer(graph, names, f"{down.name or 'ffn'}_bias", intercept.astype(dtype))
-    add = ir.Node("", "Add", [out, bias], name=f"{down.name}_bias" if down.name else None)
-    summed = add.outputs[0]
-    summed.type, summed.shape = out.type, out.shape
-    for usage in list(out.uses()):
-        if usage.node is not add:
-            usage.node.replace_input_with(usage.idx, summed)
-    if out.is_graph_output():
-        position = list(graph.outputs).index(out)
-        name, out.name = out.name, fresh_name(f"{out.name}_unbiased", names)
-        graph.outputs[position] = summed
-        summed.name = name
-    elif out.name:
-        summed.name = fresh_name(f"{out.name}_biased", names)
-    graph.insert_after(down, add)
+        value.shape = resized(value.shape, kept)
+    rewrite.down(block.down, block.bias, down_weight, intercept)

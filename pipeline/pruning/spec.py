@@ -1,8 +1,10 @@
 """What ``--prune`` asks for, parsed and checked before any work.
 
 ``--prune ffn=0.2`` removes 20% of the feed-forward intermediate channels (over all blocks;
-the share per block follows the measured importance, ``importance.allocate``). ``--prune
-auto`` searches the largest ``ffn`` share whose model stays within the accuracy budget.
+the share per block follows the measured importance, ``importance.allocate``);
+``heads=0.25`` a quarter of the attention heads the same way; ``ffn=0.2,heads=0.25`` both.
+``--prune auto`` searches the largest ``ffn`` share whose model stays within the accuracy
+budget.
 A bad spec is the user's mistake: ``ValueError`` with one line that says what is accepted
 (the CLI turns it into exit 2).
 """
@@ -12,24 +14,35 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 AUTO = "auto"
-TARGETS = ("ffn",)  # intermediate channels of feed-forward blocks (see ffn.py)
+# ffn: intermediate channels of feed-forward blocks (ffn.py); heads: attention heads of the
+# fused Attention op (heads.py).
+TARGETS = ("ffn", "heads")
 
 
 @dataclass(frozen=True)
 class PruneSpec:
-    """The pruning asked for: ``ffn`` is a share of channels in (0, 1), or None with
-    ``auto`` (the guard finds the share)."""
+    """The pruning asked for: each target's share in (0, 1) (None: not pruned), or ``auto``
+    (the guard finds the ``ffn`` share)."""
 
     ffn: float | None = None
+    heads: float | None = None
     auto: bool = False
 
     @property
+    def targets(self) -> dict[str, float | None]:
+        """Target -> share for the targets pruned (``ffn`` -> None under ``auto``)."""
+        if self.auto:
+            return {"ffn": None}
+        chosen = {"ffn": self.ffn, "heads": self.heads}
+        return {target: share for target, share in chosen.items() if share is not None}
+
+    @property
     def text(self) -> str:
-        return AUTO if self.auto else f"ffn={self.ffn:g}"
+        return AUTO if self.auto else ",".join(f"{t}={v:g}" for t, v in self.targets.items())
 
 
 def parse(text: str) -> PruneSpec:
-    """``auto`` or ``ffn=FRACTION`` (comma-separated ``target=value`` pairs)."""
+    """``auto`` or ``TARGET=FRACTION`` pairs, comma-separated (``ffn=0.2,heads=0.25``)."""
     text = text.strip()
     if text == AUTO:
         return PruneSpec(auto=True)
@@ -52,4 +65,4 @@ def parse(text: str) -> PruneSpec:
         values[target] = fraction
     if not values:
         raise ValueError(f"expected {AUTO} or TARGET=VALUE (e.g. ffn=0.2), got {text!r}")
-    return PruneSpec(ffn=values["ffn"])
+    return PruneSpec(**values)

@@ -40,7 +40,8 @@ import onnx_ir as ir
 
 from graph_passes.match import all_names
 from pipeline import lm_quality
-from pipeline.pruning import ffn, importance, moments, reconstruct
+from pipeline.pruning import ffn, heads, importance, moments, reconstruct
+from pipeline.pruning.graph import Rewrite
 from pipeline.pruning.spec import PruneSpec
 from pipeline.quantization import data
 from pipeline.quantization import stage as quantize_stage
@@ -91,14 +92,30 @@ class Point:
         return {"fraction": self.fraction, **budget_row(self.score, budget)}
 
 
-def check(model: ir.Model, accuracy: quantize_stage.QuantizeOptions) -> None:
-    """Before any work: the model has a feed-forward block to prune, and there is real data
-    to measure importance on (a causal LM scored on perplexity has its text)."""
-    if not ffn.find_blocks(model):
-        raise UserError(
-            "--prune: no feed-forward block found in this model (MatMul with a constant "
-            "weight -> activation -> MatMul with a constant weight); nothing can be pruned"
-        )
+FINDERS = {"ffn": ffn, "heads": heads}  # target -> module with find_blocks and prune
+NOT_FOUND = {
+    "ffn": "no feed-forward block found in this model (MatMul with a constant weight -> "
+    "activation -> MatMul with a constant weight); nothing can be pruned",
+    "heads": "no prunable attention found (ONNX Runtime's fused Attention op with constant "
+    "packed Q/K/V weights, read by one MatMul; see pipeline/pruning/heads.py)",
+}
+
+
+def find_blocks(model: ir.Model, targets) -> list[tuple[str, object]]:
+    """(target, block) for every block of the ``targets``, target by target in graph order."""
+    return [(target, block) for target in targets for block in FINDERS[target].find_blocks(model)]
+
+
+def check(
+    model: ir.Model, accuracy: quantize_stage.QuantizeOptions, spec: PruneSpec, fused: bool
+) -> None:
+    """Before any work: the model has blocks of each target to prune, and there is real data
+    to measure importance on (a causal LM scored on perplexity has its text). Attention
+    heads are found on the fused graph only: before the passes (``fused`` False) only the
+    feed-forward blocks are looked for."""
+    for target in spec.targets:
+        if (fused or target == "ffn") and not FINDERS[target].find_blocks(model):
+            raise UserError(f"--prune {target}: {NOT_FOUND[target]}")
     names = [v.name for v in model.graph.inputs], [v.name for v in model.graph.outputs]
     try:
         metric = accuracy.metric_for(*names)
@@ -133,29 +150,39 @@ class _Pruner:
     """The unpruned model, its blocks and their moments: builds a candidate per share."""
 
     def __init__(self, model: ir.Model, blocks, stats: moments.Moments, refit: bool) -> None:
-        self.model, self.stats, self.reconstruct = model, stats, refit
-        self.scores = [
+        self.model, self.blocks, self.stats, self.reconstruct = model, blocks, stats, refit
+        self.scores = [  # per unit: a channel (ffn) or the sum over a head's channels
             importance.channel_scores(gram, block.down_weight(), centered=refit)
-            for gram, block in zip(stats.grams, blocks, strict=True)
+            .reshape(block.units, -1)
+            .sum(axis=1)
+            for gram, (_, block) in zip(stats.grams, blocks, strict=True)
         ]
 
-    def build(self, fraction: float) -> tuple[ir.Model, list[dict]]:
-        """The model with ``fraction`` of all FFN channels removed, and one row per block."""
+    def build(self, shares: dict[str, float]) -> tuple[ir.Model, list[dict]]:
+        """The model with each target's share of its units removed, and one row per block."""
+        keeps: list[np.ndarray] = [np.empty(0)] * len(self.blocks)
+        for target, share in shares.items():
+            mine = [i for i, (t, _) in enumerate(self.blocks) if t == target]
+            scores = [self.scores[i] for i in mine]
+            chosen = importance.allocate(scores, self.stats.residual[mine], share)
+            for i, keep in zip(mine, chosen, strict=True):
+                keeps[i] = keep
         pruned = self.model.clone()
-        blocks = ffn.find_blocks(pruned)
-        names = all_names(pruned)
+        rewrite = Rewrite(pruned.graph, all_names(pruned))
         rows = []
-        keeps = importance.allocate(self.scores, self.stats.residual, fraction)
-        for block, gram, keep in zip(blocks, self.stats.grams, keeps, strict=True):
-            weight = block.down_weight()
-            plain = reconstruct.relative_error(gram, weight, keep, weight[keep], None)
+        blocks = find_blocks(pruned, shares)
+        for (target, block), gram, units in zip(blocks, self.stats.grams, keeps, strict=True):
+            keep, weight = block.channels(units), block.down_weight()
             row = {
+                "target": target,
                 "block": block.name,
                 "activation": block.activation,
-                "width": block.width,
-                "kept": len(keep),
-                "removed": block.width - len(keep),
-                "block_error_removed": plain,
+                "units": block.units,
+                "kept": len(units),
+                "removed": block.units - len(units),
+                "block_error_removed": reconstruct.relative_error(
+                    gram, weight, keep, weight[keep], None
+                ),
             }
             new_weight, intercept = weight[keep], None
             if self.reconstruct:
@@ -163,8 +190,9 @@ class _Pruner:
                 row["block_error_refit"] = reconstruct.relative_error(
                     gram, weight, keep, new_weight, intercept
                 )
-            ffn.prune(pruned.graph, block, keep, new_weight, intercept, names)
+            FINDERS[target].prune(rewrite, block, units, new_weight, intercept)
             rows.append(row)
+        rewrite.finish()
         return pruned, rows
 
 
@@ -253,7 +281,7 @@ def run_stage(
     """
     if reference is None:
         raise UserError("--prune needs a model ONNX Runtime can run: accuracy is measured")
-    check(optimized, accuracy)
+    check(optimized, accuracy, options.spec, fused=True)
     budget = options.max_drop
     lm_budget = dataclasses.replace(accuracy.lm_budget, max_perplexity_increase=budget)
     accuracy = dataclasses.replace(accuracy, max_drop=None, lm_budget=lm_budget)
@@ -268,10 +296,10 @@ def run_stage(
             raise UserError(f"--prune: {exc}") from exc
         notes: list[str] = []
         calibration = _calibration(accuracy, metric, samples)
-        blocks = ffn.find_blocks(optimized)
-        fit, other = moments.collect(optimized, blocks, calibration.groups_for)
+        blocks = find_blocks(optimized, options.spec.targets)
+        fit, other = moments.collect(optimized, [b for _, b in blocks], calibration.groups_for)
         search: list[Point] = []
-        fraction = options.spec.ffn
+        shares = options.spec.targets
         if options.spec.auto:
             if not calibration.split:
                 notes.append(
@@ -287,13 +315,13 @@ def run_stage(
             def measure(level: int) -> Point:
                 path = Path(tmp) / f"candidate-{next(counter)}.onnx"
                 share = round(level * STEP, 6)
-                ir.save(pruner.build(share)[0], path)
+                ir.save(pruner.build({"ffn": share})[0], path)
                 point = Point(share, evaluator.measure(path))
                 logger.info("prune ffn=%g -> %s", point.fraction, point.score.summary(budget))
                 return point
 
             chosen, search = largest_within(round(MAX_AUTO_FRACTION / STEP), measure, budget)
-            fraction = None if chosen is None else chosen.fraction
+            shares = None if chosen is None else {"ffn": chosen.fraction}
         stats = fit + other
         del fit, other
         if not np.all(np.isfinite(stats.residual)):
@@ -314,14 +342,14 @@ def run_stage(
             "search": [point.to_dict(budget) for point in search],
             "notes": notes,
         }
-        if fraction is None:
+        if shares is None:
             notes.append(
                 f"prune auto: removing even {STEP:.0%} of the FFN channels misses the budget "
                 f"({search[0].score.summary(budget)}); nothing pruned"
             )
             section.update(pruned=False, final_check={"passed": True, "summary": "unpruned"})
             return optimized, section
-        pruned, layers = _Pruner(optimized, blocks, stats, options.reconstruct).build(fraction)
+        pruned, layers = _Pruner(optimized, blocks, stats, options.reconstruct).build(shares)
         check_interface(pruned, sets, reference)
         out_path = Path(tmp) / "pruned.onnx"
         ir.save(pruned, out_path)
@@ -331,12 +359,15 @@ def run_stage(
         latency = compare_latency(
             optimized, pruned, samples.decision[0], rounds=options.latency_rounds
         )
-    width = sum(row["width"] for row in layers)
-    kept = sum(row["kept"] for row in layers)
+    totals = {}
+    for target in shares:
+        before = sum(row["units"] for row in layers if row["target"] == target)
+        after = sum(row["kept"] for row in layers if row["target"] == target)
+        totals[target] = {"before": before, "after": after, "removed_fraction": 1 - after / before}
     section.update(
         pruned=True,
-        fraction=fraction,
-        ffn_width={"before": width, "after": kept, "removed_fraction": 1 - kept / width},
+        fractions=shares,
+        totals=totals,
         layers=layers,
         latency=latency.to_dict(),
         final_check=quantize_stage.final_check_section(final, against, metric, budget),
