@@ -16,9 +16,10 @@ without the refit, alone and combined with int8 / int4.
    8-minute pass pipeline is not paid per row): each row calls the prune stage
    (``pruning.stage.run_stage``) on it, with the tokenizer beside it; perplexity and top-1
    agreement on the bundled held-out text against the unpruned model (the stage's final
-   check; re-scored the same way for int4 rows), decode speed of greedy generation with the
-   KV cache (``bench.generate.compare_case``: 32-token prompt, 32 new tokens, batch 1,
-   2 threads) against the unpruned model.
+   check; re-scored the same way for int4 rows); CPU time at 1 thread of a 128-token prefill
+   and of one decode step after 32 tokens (``time.thread_time``, as for MiniLM), and wall
+   time of greedy generation with the KV cache (``bench.generate.compare_case``: 32-token
+   prompt, 32 new tokens, batch 1, 2 threads), each against the unpruned model.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from pipeline import lm_quality
 from pipeline.bench import quant as q
 from pipeline.bench.generate import compare_case
 from pipeline.pruning import spec as spec_mod
@@ -57,7 +59,7 @@ MINILM_ROWS = (  # (label, --prune, refit, --precision); the first row is the ba
 )
 SMOLLM2_ROWS = (
     *(
-        (f"ffn={f}" + ("" if refit else ", no refit"), f"ffn={f}", refit, "fp32")
+        (f"ffn={f} ({'' if refit else 'no '}refit)", f"ffn={f}", refit, "fp32")
         for f in (0.1, 0.2, 0.3)
         for refit in (True, False)
     ),
@@ -152,6 +154,22 @@ def _lm_rows_source(path: Path):
     return model, sets, reference
 
 
+def _lm_steps(session: sessions.Session, past: int = 32) -> dict[str, dict]:
+    """Feeds of a 128-token prefill and of one decode step after ``past`` tokens (batch 1;
+    the past is zeros: the time does not depend on its values)."""
+    prefill = lm_quality.prefill_feeds(session, np.arange(1, 129, dtype=np.int64))
+    decode = lm_quality.prefill_feeds(session, np.array([7], dtype=np.int64))
+    decode["attention_mask"] = np.ones((1, past + 1), dtype=np.int64)
+    if "position_ids" in decode:
+        decode["position_ids"] = np.array([[past]], dtype=np.int64)
+    for name, value in decode.items():
+        if name.startswith("past"):
+            shape = list(value.shape)
+            shape[2] = past
+            decode[name] = np.zeros(shape, dtype=value.dtype)
+    return {"prefill": prefill, "decode": decode}
+
+
 def bench_smollm2(args, work: Path) -> tuple[list[str], list[dict]]:
     source = args.smollm2
     tokenizer = source.parent / "tokenizer.json"
@@ -159,11 +177,12 @@ def bench_smollm2(args, work: Path) -> tuple[list[str], list[dict]]:
     accuracy = quantize_stage.QuantizeOptions(tokenizer=tokenizer, metric="perplexity")
     evaluation = LmEvaluator(source, tokenizer, LmBudget(LM_BUDGET, 0.0), "evaluation")
     timing = argparse.Namespace(prompt=32, new_tokens=32, rounds=args.generate_rounds)
+    steps = _lm_steps(sessions.create_session(model))
     lines = [
         "| configuration | FFN width | perplexity (fp32 "
-        f"{evaluation.reference.perplexity:.3f}) | top-1 agree | decode time ratio | "
-        "TTFT ms | decode tok/s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"{evaluation.reference.perplexity:.3f}) | top-1 agree | CPU time prefill 128 | "
+        "CPU time decode step | decode time ratio (wall, 2 threads) | TTFT ms | decode tok/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     rows = []
     for index, (label, prune, refit, precision) in enumerate(SMOLLM2_ROWS):
@@ -184,7 +203,16 @@ def bench_smollm2(args, work: Path) -> tuple[list[str], list[dict]]:
         path = work / f"smollm2-{index}.onnx"
         ir.save(candidate, path)
         built = time.perf_counter() - started
-        quality = evaluation.measure(path).quality
+        if precision == "fp32":  # the stage's final check scored exactly this
+            outputs = pruning["final_check"]["outputs"]
+            fields = ("reference_perplexity", "perplexity", "top1_agreement", "tokens")
+            quality = lm_quality.LmQuality(*(outputs[f] for f in fields))
+        else:
+            quality = evaluation.measure(path).quality
+        cpu = {
+            name: q.latency_ratio(source, path, feeds, 1, args.rounds, time.thread_time)
+            for name, feeds in steps.items()
+        }
         speed = compare_case(source, path, 2, 1, timing)
         result = {
             "label": label,
@@ -192,6 +220,7 @@ def bench_smollm2(args, work: Path) -> tuple[list[str], list[dict]]:
             "perplexity": quality.perplexity,
             "perplexity_ratio": quality.perplexity_ratio,
             "top1_agreement": quality.top1_agreement,
+            "cpu_time": cpu,
             "decode_ratio": speed["decode_ratio"],
             "generation": speed,
             "seconds_to_build": built,
@@ -202,6 +231,7 @@ def bench_smollm2(args, work: Path) -> tuple[list[str], list[dict]]:
         lines.append(
             f"| {label} | {result['ffn_width']} | {quality.perplexity:.3f} "
             f"({(quality.perplexity_ratio - 1) * 100:+.1f}%) | {quality.top1_agreement:.3f} | "
+            f"{_ratio(cpu['prefill'])} | {_ratio(cpu['decode'])} | "
             f"{ratio['ratio']:.3f} ± {ratio['noise']:.3f} | "
             f"{speed['original']['ttft_ms']:.0f} -> {speed['candidate']['ttft_ms']:.0f} | "
             f"{speed['original']['decode_tokens_per_s']:.1f} -> "
