@@ -1,4 +1,4 @@
-"""The prune stage: structured FFN pruning of the verified fp32 model, held to the metric.
+"""The prune stage: structured pruning of the verified fp32 model, held to the metric.
 
 It runs after the verified graph passes and before quantization (``pipeline/run.py``), so it
 sees the fused graph (``BiasGelu``, packed gate/up + ``Split``) and quantization sees the
@@ -6,16 +6,17 @@ pruned one. Parity cannot hold after pruning, so the model is held instead to th
 accuracy budget, measured exactly as quantization measures it (``quantization.metrics`` and
 ``lm_guard``, on the data roles of ``quantization.data``):
 
-1. find the feed-forward blocks by structure (``ffn``); a model with none is the user's
-   error, said in one line;
+1. find the blocks of each target by structure (``ffn``: feed-forward channels; ``heads``:
+   heads of the fused Attention op); a model with none is the user's error, in one line;
 2. run the model once over the calibration data and keep each block's activation moments
    (``moments``); a causal LM scored on perplexity is calibrated on windows of its
    calibration text;
-3. score channels and share them out between blocks (``importance``), refit each down
-   projection on the channels kept (``reconstruct``, unless turned off);
-4. score the pruned model on the decision data. ``ffn=F`` prunes that share; ``auto`` finds
-   the largest share on a grid of ``STEP`` within the budget, doubling then bisecting as the
-   quantization guard does (``largest_within``);
+3. score channels (a head: its channels' sum) and share them out between blocks
+   (``importance``), refit each down projection on what is kept (``reconstruct``, unless
+   turned off);
+4. ``ffn=F`` / ``heads=F`` prune those shares; ``auto`` scores candidates on the decision
+   data and keeps the largest ``ffn`` share on a grid of ``STEP`` within the budget,
+   doubling then bisecting as the quantization guard does (``largest_within``);
 5. check that the pruned model runs on every verification input set with the same outputs
    (names, shapes, types), time it against the unpruned model (interleaved, the one A/B
    timer), and score it on the held-out evaluation data, which no decision saw: the final
@@ -64,7 +65,7 @@ class PruneOptions:
     """What to prune and the budget the result must keep.
 
     Attributes:
-        spec: The targets (``spec.parse``): ``ffn=F`` or ``auto``.
+        spec: The targets (``spec.parse``): ``ffn=F``, ``heads=F``, both, or ``auto``.
         max_drop: Budget on the metric's drop against the unpruned model (``1 - similarity``;
             for perplexity, the relative increase, with the top-1 floor of the LM budget).
         reconstruct: Refit each down projection by least squares (``reconstruct``).
