@@ -263,7 +263,9 @@ CASES: dict[str, Case] = {
     "prune fraction out of range": _prune(
         "--prune ffn=1.5: ffn fraction must be in (0, 1)", "ffn=1.5"
     ),
-    "prune unknown target": _prune("unknown pruning target 'bogus' (known: ffn, heads)", "bogus=0.1"),
+    "prune unknown target": _prune(
+        "unknown pruning target 'bogus' (known: ffn, heads)", "bogus=0.1"
+    ),
     "prune budget without prune": _prune(
         "--prune-max-drop needs --prune", None, "--prune-max-drop", "0.1"
     ),

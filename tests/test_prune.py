@@ -664,3 +664,39 @@ def test_cli_heads_without_fused_attention_says_so(tmp_path):
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert "--prune heads: no prunable attention found" in " ".join(done.stderr.split())
+
+
+@pytest.mark.parametrize("op", ["SkipSimplifiedLayerNormalization", "SkipLayerNormalization"])
+def test_intercept_goes_to_a_fused_residual_norms_bias(op):
+    """A block without bias read by ORT's fused residual norm (SmolLM2 after fuse_rms_norm):
+    the refit's intercept becomes that node's bias input, no Add is added, and the result
+    equals an explicit Add before it."""
+    proto = build("swiglu", layers=1)
+    residual = next(n for n in proto.graph.node if n.op_type == "Add")
+    proto.graph.node.remove(residual)
+    inputs = ["x", "l0_o", "gamma"] + (["beta"] if op == "SkipLayerNormalization" else [])
+    proto.graph.node.append(helper.make_node(op, inputs, ["y"], domain=MS, epsilon=1e-5))
+    proto.graph.initializer.extend(
+        [_init("gamma", np.ones(HIDDEN)), _init("beta", np.zeros(HIDDEN))]
+    )
+    keep, intercept = np.arange(0, INTER, 2), np.linspace(-1, 1, HIDDEN)
+    model = ir.from_proto(proto)
+    (block,) = ffn.find_blocks(model)
+    assert block.residual is not None and block.residual.name == "x"
+    prune_one(model, block, keep, block.down_weight()[keep], intercept)
+    pruned = ir.to_proto(model)
+    assert [n.op_type for n in pruned.graph.node].count("Add") == 0
+    norm = next(n for n in pruned.graph.node if n.op_type == op)
+    assert len(norm.input) == (4 if op.startswith("SkipSimplified") else 5)
+    explicit = ir.from_proto(proto)
+    (plain,) = ffn.find_blocks(explicit)
+    prune_one(explicit, plain, keep, plain.down_weight()[keep])
+    reference = ir.to_proto(explicit)
+    reference.graph.initializer.append(_init("c", intercept))
+    node = next(n for n in reference.graph.node if n.op_type == op)
+    node.input[1] = "l0_oc"
+    reference.graph.node.insert(
+        list(reference.graph.node).index(node), helper.make_node("Add", ["l0_o", "c"], ["l0_oc"])
+    )
+    feed = feeds(1)[0]
+    np.testing.assert_allclose(run(pruned, feed), run(reference, feed), rtol=1e-4, atol=1e-4)

@@ -68,6 +68,24 @@ def residual_of(down: ir.Node) -> ir.Value | None:
     return None if other is None or constant_array(other) is not None else other
 
 
+def _skip_norm_bias(down: ir.Node) -> tuple[ir.Node, int] | None:
+    """The fused residual norm that alone reads the down projection's output, and the index
+    of its ``bias`` input (``input + skip + bias`` is what it normalizes and returns), when
+    that input is absent or constant."""
+    out = down.outputs[0]
+    uses = list(out.uses())
+    if out.is_graph_output() or len(uses) != 1:
+        return None
+    node = uses[0].node
+    if node.domain != MS_DOMAIN or node.op_type not in SKIP_NORMS or uses[0].idx not in (0, 1):
+        return None
+    index = 3 if node.op_type == "SkipSimplifiedLayerNormalization" else 4
+    if index < len(node.inputs) and node.inputs[index] is not None:
+        if constant_array(node.inputs[index]) is None:
+            return None
+    return node, index
+
+
 def resized(shape: ir.Shape | None, last: int) -> ir.Shape | None:
     """``shape`` with its last dimension set to ``last`` (None and scalars as they are)."""
     if shape is None or len(shape) == 0:
@@ -100,15 +118,25 @@ class Rewrite:
         intercept: np.ndarray | None,
     ) -> None:
         """``weight [k, H]`` replaces ``W_down``; ``intercept [H]`` (None: no change) is added
-        to the bias, or by a new ``Add`` where there is none."""
+        to the bias: the ``Add`` of one, else the bias input of the fused residual norm that
+        reads the output (no node added), else a new ``Add``."""
         self.swap(down, 1, weight)
         if intercept is None:
             return
-        if bias is not None:
-            add, index = bias
-            self.swap(add, index, constant_array(add.inputs[index]) + intercept)
-        else:
+        slot = bias or _skip_norm_bias(down)
+        if slot is None:
             self._add_bias(down, intercept)
+            return
+        node, index = slot
+        current = node.inputs[index] if index < len(node.inputs) else None
+        if current is not None:
+            self.swap(node, index, constant_array(current) + intercept)
+            return
+        dtype = constant_array(down.inputs[1]).dtype
+        base = f"{down.name or 'pruned'}_bias"
+        fresh = new_initializer(self.graph, self.names, base, intercept.astype(dtype))
+        node.resize_inputs(index + 1)
+        node.replace_input_with(index, fresh)
 
     def _add_bias(self, down: ir.Node, intercept: np.ndarray) -> None:
         """``Add(down output, intercept)`` takes the down output's place (and name, when it

@@ -5,7 +5,8 @@ channels allow: ``W' [k, H]`` and an intercept ``c [H]`` minimize, over the cali
 ``||h_K W' + c - h W||^2 + r ||W' - W_K||^2``. The normal equations need only the second
 moments ``G`` (``moments``): with ``K'`` the kept rows plus the ones row,
 ``(G[K', K'] + r I_K) theta = G[K', :I] W + r [W_K; 0]``, solved in float64. The intercept is
-added to the block's bias (an ``Add`` is inserted where it has none).
+added to the block's bias (``graph.Rewrite.down``: a fused residual norm's bias input, or an
+``Add`` where there is none).
 
 The ridge pulls ``W'`` towards the weights it had, not towards zero, and ``r`` is
 ``RIDGE`` times the mean kept-channel energy. Calibration sets are small (82 sentences of
