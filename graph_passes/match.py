@@ -183,13 +183,19 @@ def clip_range(node: ir.Node, opset: int) -> tuple[float, float, np.dtype | None
     return bounds[0], bounds[1], dtype
 
 
-def new_initializer(graph: ir.Graph, names: set[str], base: str, array: np.ndarray) -> ir.Value:
-    """A fresh initializer holding ``array``, named ``base`` or ``base_N`` (not in ``names``)."""
+def fresh_name(base: str, names: set[str]) -> str:
+    """``base`` or ``base_N``, whichever is not in ``names`` first; added to ``names``."""
     name, i = base, 0
     while name in names:
         i += 1
         name = f"{base}_{i}"
     names.add(name)
+    return name
+
+
+def new_initializer(graph: ir.Graph, names: set[str], base: str, array: np.ndarray) -> ir.Value:
+    """A fresh initializer holding ``array``, named ``base`` or ``base_N`` (not in ``names``)."""
+    name = fresh_name(base, names)
     value = ir.Value(
         name=name,
         type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),

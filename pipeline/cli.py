@@ -111,6 +111,22 @@ def _quantize_options(provider: str, **fields):
     return options
 
 
+def _prune_options(spec: str | None, max_drop: float | None, reconstruct: bool):
+    """Validate the --prune flags now (exit 2 on a bad value, before any work)."""
+    if spec is None:
+        if max_drop is not None:
+            raise UserError("--prune-max-drop needs --prune")
+        return None
+    from pipeline.pruning import spec as spec_mod
+    from pipeline.pruning.stage import DEFAULT_MAX_DROP, PruneOptions
+
+    try:
+        chosen = DEFAULT_MAX_DROP if max_drop is None else max_drop
+        return PruneOptions(spec_mod.parse(spec), max_drop=chosen, reconstruct=reconstruct)
+    except ValueError as exc:
+        raise UserError(f"--prune {spec}: {exc}") from exc
+
+
 class ConsoleListener:
     """Prints each stage and each pass application as it happens, and moves the live
     progress line when there is one."""
@@ -456,6 +472,31 @@ def optimize(
             metavar="X", help="LM guard: share of positions where the greedy next token agrees."
         ),
     ] = 0.90,
+    prune: Annotated[
+        str | None,
+        typer.Option(
+            metavar="SPEC",
+            help="Structured pruning before quantization: ffn=FRACTION (share of the "
+            "feed-forward channels removed, per block by measured importance; needs "
+            "--calibration), heads=FRACTION (attention heads of fused Attention), both "
+            "(ffn=0.2,heads=0.25), or auto (the largest ffn share within --prune-max-drop).",
+        ),
+    ] = None,
+    prune_max_drop: Annotated[
+        float | None,
+        typer.Option(
+            metavar="X",
+            help="Pruning's budget on --metric's drop against the unpruned model (default "
+            "0.03; perplexity: the relative increase).",
+        ),
+    ] = None,
+    prune_reconstruct: Annotated[
+        bool,
+        typer.Option(
+            "--prune-reconstruct/--no-prune-reconstruct",
+            help="Refit each down projection by least squares on calibration activations.",
+        ),
+    ] = True,
     list_passes: Annotated[
         bool,
         typer.Option(
@@ -533,6 +574,7 @@ def optimize(
                 min_neighbour_agreement=min_neighbour_agreement,
                 lm_budget=(max_perplexity_increase, min_top1),
             ),
+            prune=_prune_options(prune, prune_max_drop, prune_reconstruct),
         )
         result = _run_with_display(options, sink, quiet, live)
         data = result.to_dict()
@@ -609,6 +651,7 @@ def _run_options(model: Path, output_path: Path, **given):
         seed=given["seed"],
         provider=given["provider"],
         quantize=given["quantize"],
+        prune=given["prune"],
     )
 
 

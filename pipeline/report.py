@@ -51,6 +51,7 @@ JSON_ORDER = (
     "inputs",
     "parity",
     "latency",
+    "pruning",
     "quantization",
     "provider",
     "fusions",
@@ -151,6 +152,8 @@ class Report:
     provider: dict | None = None  # pipeline.providers.Resolution.to_dict() + "check"
     # pipeline.quantization.stage.QuantizeResult.to_dict() + final_check; None when not quantized.
     quantization: dict | None = None
+    # pipeline.pruning.stage.run_stage's section (targets, layers, search, final_check, ...).
+    pruning: dict | None = None
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     schema_version: str = SCHEMA_VERSION

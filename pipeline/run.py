@@ -33,6 +33,7 @@ from pipeline.load import (
     tensor_bytes,
 )
 from pipeline.pass_manager import AUTO_END_VERIFY_BYTES, PassRecord, VerifiedPassManager
+from pipeline.pruning import stage as prune_mod
 from pipeline.quantization import stage as quantize_mod
 from pipeline.quantization.lm_guard import tokenizer_beside
 from pipeline.recipe import Recipe, VerifySettings
@@ -67,6 +68,9 @@ class RunOptions:
     provider: providers_mod.ProviderRequest | None = None
     # --precision and friends; None (or precision fp32) skips the quantize stage.
     quantize: quantize_mod.QuantizeOptions | None = None
+    # --prune and friends; None skips the prune stage, which takes its metric and data from
+    # ``quantize`` (--metric, --calibration, ...).
+    prune: prune_mod.PruneOptions | None = None
 
 
 class Listener(Protocol):
@@ -321,15 +325,17 @@ def _with_tokenizer(options: RunOptions) -> quantize_mod.QuantizeOptions:
     """The quantize options, pointed at the ``tokenizer.json`` beside the input model when
     none was given (text data and, for a causal LM, the LM guard use it)."""
     tokenizer = tokenizer_beside(options.input_path)
-    if options.quantize.tokenizer is not None or tokenizer is None:
-        return options.quantize
-    return dataclasses.replace(options.quantize, tokenizer=tokenizer)
+    quantize = options.quantize or quantize_mod.QuantizeOptions()
+    if quantize.tokenizer is not None or tokenizer is None:
+        return quantize
+    return dataclasses.replace(quantize, tokenizer=tokenizer)
 
 
 def _quantize_options_for(model: ir.Model, options: RunOptions):
     """The quantize options for this model, checked before any work: the metric must fit
     the model (perplexity needs a causal LM and its tokenizer)."""
-    if options.quantize is None or options.quantize.precision == "fp32":
+    lowered = options.quantize is not None and options.quantize.precision != "fp32"
+    if not lowered and options.prune is None:
         return options.quantize
     chosen = _with_tokenizer(options)
     names = [v.name for v in model.graph.inputs], [v.name for v in model.graph.outputs]
@@ -385,6 +391,8 @@ def _run(
     report.warnings.extend(load_notes(model))
     report.seconds["load"] = time.perf_counter() - started
     quantize_options = _quantize_options_for(model, options)
+    if options.prune is not None:
+        prune_mod.check(model, quantize_options, options.prune.spec, fused=False)
     recipe, resolution = _resolve_provider(options, recipe, report, listener)
 
     listener.stage("reference run")
@@ -445,6 +453,20 @@ def _run(
         )
     latency_providers = None if resolution.resolved == "cpu" else resolution.session_providers()
 
+    if options.prune is not None:
+        # After the fp32 checks, before quantization: held to the metric budget against the
+        # verified model, not to parity (pruning changes the outputs by design).
+        listener.stage(f"prune {options.prune.spec.text}")
+        t0 = time.perf_counter()
+        optimized, report.pruning = prune_mod.run_stage(
+            optimized, options.prune, quantize_options, sets, reference
+        )
+        report.seconds["prune"] = time.perf_counter() - t0
+        report.warnings.extend(report.pruning["notes"])
+        failure = prune_mod.stage_failure(report.pruning)
+        if failure:
+            raise VerificationFailed(failure)
+
     lowered = options.quantize is not None and options.quantize.precision != "fp32"
     if lowered:
         # After the fp32 checks above (a pass bug is never blamed on quantization); the
@@ -461,7 +483,11 @@ def _run(
         if failure:
             raise VerificationFailed(failure)
 
-    changed = lowered or any(r.modified and r.verification != "rolled_back" for r in result.records)
+    changed = (
+        lowered
+        or options.prune is not None
+        or any(r.modified and r.verification != "rolled_back" for r in result.records)
+    )
     if recipe.speed.check and verifier.can_run and changed:
         listener.stage("speed check")
         latency = compare_latency(

@@ -124,6 +124,24 @@ def _quantization_check(section: dict) -> dict:
     }
 
 
+def _pruning_check(section: dict) -> dict:
+    """What pruning removed and the pruned model's accuracy against its budget, in words."""
+    check = section.get("final_check") or {}
+    if not section.get("pruned"):
+        return {"stage": "prune", "passed": True, "words": "nothing pruned: " + check["summary"]}
+    removed = ", ".join(
+        f"{target} {total['before']} -> {total['after']}"
+        for target, total in section.get("totals", {}).items()
+    )
+    verdict = "within budget" if check.get("passed") else "OVER budget"
+    return {
+        "stage": f"pruned ({section['targets']}) vs unpruned",
+        "passed": check.get("passed"),
+        "words": f"{removed}; {verdict} ({section.get('metric')} drop <= "
+        f"{section.get('max_drop'):g}): {check.get('summary', '')}",
+    }
+
+
 def checks(report: dict) -> list[dict]:
     """Each stage's check of the model it produced: ``{stage, passed, words}``."""
     rows = []
@@ -131,6 +149,8 @@ def checks(report: dict) -> list[dict]:
     if report.get("parity") is not None or status == "ok":
         passed, words = parity_words(report.get("parity"), report["recipe"]["verify"])
         rows.append({"stage": "graph passes (fp32)", "passed": passed, "words": words})
+    if report.get("pruning"):
+        rows.append(_pruning_check(report["pruning"]))
     if report.get("quantization"):
         rows.append(_quantization_check(report["quantization"]))
     provider = report.get("provider") or {}

@@ -112,6 +112,28 @@ def _no_outputs(path: Path) -> None:
     _save(_graph_model([helper.make_node("Relu", ["x"], ["a"])], outputs=()), path)
 
 
+def _ffn(path: Path) -> None:
+    """x -> MatMul -> Relu -> MatMul: a feed-forward block to prune."""
+    weights = [
+        onnx.numpy_helper.from_array(np.full((4, 8), 0.1, np.float32), "w1"),
+        onnx.numpy_helper.from_array(np.full((8, 4), 0.1, np.float32), "w2"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["y"]),
+    ]
+    model = _graph_model(nodes)
+    model.graph.initializer.extend(weights)
+    _save(model, path)
+
+
+def _prune(message: str, spec: str | None, *more: str) -> Case:
+    """A --prune case on the ``_ffn`` model."""
+    flags = ("--prune", spec) if spec is not None else ()
+    return Case(message, _ffn, args=("{model}", "-o", "{out}", *flags, *more))
+
+
 def _fifo_output(tmp: dict[str, Path]) -> None:
     os.mkfifo(tmp["out"])
 
@@ -236,6 +258,23 @@ CASES: dict[str, Case] = {
     "output is a directory": Case("output path is a directory", args=("{model}", "-o", "{outdir}")),
     "output is not a regular file": Case(
         "output path exists and is not a regular file", extra=_fifo_output
+    ),
+    # pruning (pipeline/pruning)
+    "prune fraction out of range": _prune(
+        "--prune ffn=1.5: ffn fraction must be in (0, 1)", "ffn=1.5"
+    ),
+    "prune unknown target": _prune(
+        "unknown pruning target 'bogus' (known: ffn, heads)", "bogus=0.1"
+    ),
+    "prune budget without prune": _prune(
+        "--prune-max-drop needs --prune", None, "--prune-max-drop", "0.1"
+    ),
+    "prune without calibration data": _prune(
+        "--prune needs real data (--calibration DIR)", "ffn=0.2"
+    ),
+    "prune a model with no feed-forward block": Case(
+        "--prune ffn: no feed-forward block found in this model",
+        args=("{model}", "-o", "{out}", "--prune", "ffn=0.2"),
     ),
 }
 

@@ -38,6 +38,7 @@ import onnx_ir as ir
 
 from graph_passes import constant_eval
 from graph_passes.base import NON_DETERMINISTIC_OPS, GraphPass, constant_tensor, is_standard
+from graph_passes.match import fresh_name
 
 logger = logging.getLogger(__name__)
 
@@ -270,10 +271,10 @@ def _replace_with_initializer(
         name, type_, shape = value.name, value.type, value.shape
         new = ir.Value(type=type_, shape=shape, const_value=tensor)
         value.replace_all_uses_with(new, replace_graph_outputs=True)
-        value.name = _fresh_name(f"{name}_unfolded", names)
+        value.name = fresh_name(f"{name}_unfolded", names)
         new.name = name
     else:
-        name = _fresh_name(f"{value.name or 'value'}_folded", names)
+        name = fresh_name(f"{value.name or 'value'}_folded", names)
         new = ir.Value(
             name=name,
             type=ir.TensorType(tensor.dtype),
@@ -283,15 +284,6 @@ def _replace_with_initializer(
         value.replace_all_uses_with(new)
     tensor.name = new.name
     graph.register_initializer(new)
-
-
-def _fresh_name(base: str, names: set[str]) -> str:
-    name, i = base, 0
-    while name in names:
-        i += 1
-        name = f"{base}_{i}"
-    names.add(name)
-    return name
 
 
 def _all_names(model: ir.Model) -> set[str]:

@@ -35,12 +35,17 @@ class Point:
     path: object  # where the candidate model was written
 
     def to_dict(self, budget: float) -> dict:
-        return {
-            "kept_float": self.kept_float,
-            "drop": self.score.drop,
-            "within_budget": self.score.within(budget),
-            "summary": self.score.summary(budget),
-        }
+        return {"kept_float": self.kept_float, **budget_row(self.score, budget)}
+
+
+def budget_row(score, budget: float) -> dict:
+    """A measured candidate's score against ``budget``, as the report lists it (the guard's
+    path here, the pruning search)."""
+    return {
+        "drop": score.drop,
+        "within_budget": score.within(budget),
+        "summary": score.summary(budget),
+    }
 
 
 def measured_ranking(
@@ -72,34 +77,46 @@ def measured_ranking(
     return measured + [(name, None) for name in rest], note
 
 
+def first_flip(limit: int, flipped: Callable[[int], bool]) -> int | None:
+    """The smallest level in 1..``limit`` where ``flipped(level)`` is True, for a ``flipped``
+    that is False up to some level and True from there on; None when ``limit`` is still False.
+
+    The level doubles (1, 2, 4, ... ``limit``) until it flips, then bisects between the last
+    False and the first True; no level is probed twice. The guard here and the pruning search
+    (``pipeline.pruning.stage``) both search this way.
+    """
+    last_false, level = 0, 1
+    while not flipped(level):
+        last_false = level
+        if level == limit:
+            return None
+        level = min(level * 2, limit)
+    first_true = level
+    while first_true - last_false > 1:
+        middle = (first_true + last_false) // 2
+        if flipped(middle):
+            first_true = middle
+        else:
+            last_false = middle
+    return first_true
+
+
 def fewest_within(
     limit: int, measure: Callable[[int], Point], budget: float, full: Point
 ) -> tuple[Point, list[Point]]:
     """The smallest count of worst nodes kept float whose candidate is within ``budget``
     (at most ``limit``), and every point measured on the way (``full`` is count 0).
 
-    Doubling then bisection assumes more float nodes never hurt accuracy, which holds up to
-    measurement noise; the returned point is always one that was measured within budget, or
-    the last one tried (``limit``) when none was.
+    Doubling then bisection (``first_flip``) assumes more float nodes never hurt accuracy,
+    which holds up to measurement noise; the returned point is always one that was measured
+    within budget, or the last one tried (``limit``) when none was.
     """
     points = {0: full}
-    passed_at, failed_at, count = None, 0, 1
-    while count <= limit:
+
+    def within(count: int) -> bool:
         points[count] = measure(count)
-        if points[count].score.within(budget):
-            passed_at = count
-            break
-        failed_at = count
-        if count == limit:
-            break
-        count = min(count * 2, limit)
-    if passed_at is None:
-        return points[max(points)], [points[k] for k in sorted(points)]
-    while passed_at - failed_at > 1:
-        middle = (passed_at + failed_at) // 2
-        points[middle] = measure(middle)
-        if points[middle].score.within(budget):
-            passed_at = middle
-        else:
-            failed_at = middle
-    return points[passed_at], [points[k] for k in sorted(points)]
+        return points[count].score.within(budget)
+
+    count = first_flip(limit, within)
+    chosen = points[max(points)] if count is None else points[count]
+    return chosen, [points[k] for k in sorted(points)]

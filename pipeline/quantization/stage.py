@@ -248,11 +248,9 @@ def quantize_model(
     if not reference_feeds:
         raise ValueError("quantize_model needs at least one reference input set")
     model = onnx.load(str(fp32_path), load_external_data=False)
-    metric = options.metric_for(*_io_names(model))
+    metric = options.metric_for(*io_names(model))
     if samples is None:
-        samples = _samples_for(
-            model, fp32_path, options, metric, reference_feeds, calibration_feeds
-        )
+        samples = samples_for(model, fp32_path, options, metric, reference_feeds, calibration_feeds)
     if not metric.from_feeds and samples.text is None:
         samples.roles.update(
             decision="the bundled calibration text (Python reference manual topics)",
@@ -266,11 +264,11 @@ def quantize_model(
         )
 
 
-def _io_names(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+def io_names(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     return [i.name for i in model.graph.input], [o.name for o in model.graph.output]
 
 
-def _samples_for(
+def samples_for(
     model, fp32_path, options, metric, reference_feeds, calibration_feeds
 ) -> data.Samples:
     if options.calibration is not None:
@@ -507,7 +505,7 @@ def _quantize_tier(
             raise ValueError(tier.name)
         return target
 
-    evaluator = _evaluator(prepared, options, metric, samples, notes)
+    evaluator = decision_evaluator(prepared, options, metric, samples, notes)
     excluded = list(options.exclude_nodes)
     try:
         candidate = make(excluded)
@@ -643,7 +641,7 @@ def _calibrate(model, prepared, options, op_types, sources, reader_factory, tmp,
     return cache_path
 
 
-def _evaluator(prepared: Path, options, metric: metrics.Metric, samples, notes):
+def decision_evaluator(prepared: Path, options, metric: metrics.Metric, samples, notes):
     """The LM guard for ``perplexity``, else the metric over the decision data."""
     if not metric.from_feeds:
         text = samples.text[0] if samples.text else None
@@ -844,8 +842,8 @@ def run_stage(
         ir.save(optimized, fp32_path, external_data=external)
         fp32 = onnx.load(str(fp32_path), load_external_data=False)
         try:
-            metric = options.metric_for(*_io_names(fp32))
-            samples = _samples_for(fp32, fp32_path, options, metric, sets, None)
+            metric = options.metric_for(*io_names(fp32))
+            samples = samples_for(fp32, fp32_path, options, metric, sets, None)
             result = quantize_model(
                 fp32_path, out_path, options, reference_feeds=sets, samples=samples
             )
@@ -860,10 +858,15 @@ def run_stage(
                 if value.const_value is not None and not isinstance(value.const_value, ir.Tensor):
                     value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
         budget = result.max_drop
-        final, against = _final_check(
-            fp32_path, out_path, options, metric, samples, sets, reference
-        )
-    section["final_check"] = {
+        final, against = final_check(fp32_path, out_path, options, metric, samples, sets, reference)
+    section["final_check"] = final_check_section(final, against, metric, budget)
+    return lowered, section
+
+
+def final_check_section(final, against: str, metric: metrics.Metric, budget: float) -> dict:
+    """The report's ``final_check``: the held-out score against ``budget`` (a stage fails its
+    run when ``passed`` is False)."""
+    return {
         "against": against,
         "metric": metric.name,
         "max_drop": budget,
@@ -871,10 +874,9 @@ def run_stage(
         "summary": final.summary(budget),
         "outputs": final.to_dict(),
     }
-    return lowered, section
 
 
-def _final_check(fp32_path, out_path, options, metric, samples: data.Samples, sets, reference):
+def final_check(fp32_path, out_path, options, metric, samples: data.Samples, sets, reference):
     """(score, what it was measured against) on the evaluation data."""
     if not metric.from_feeds:
         text = samples.text[1] if samples.text else None

@@ -1,0 +1,68 @@
+"""What ``--prune`` asks for, parsed and checked before any work.
+
+``--prune ffn=0.2`` removes 20% of the feed-forward intermediate channels (over all blocks;
+the share per block follows the measured importance, ``importance.allocate``);
+``heads=0.25`` a quarter of the attention heads the same way; ``ffn=0.2,heads=0.25`` both.
+``--prune auto`` searches the largest ``ffn`` share whose model stays within the accuracy
+budget.
+A bad spec is the user's mistake: ``ValueError`` with one line that says what is accepted
+(the CLI turns it into exit 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+AUTO = "auto"
+# ffn: intermediate channels of feed-forward blocks (ffn.py); heads: attention heads of the
+# fused Attention op (heads.py).
+TARGETS = ("ffn", "heads")
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """The pruning asked for: each target's share in (0, 1) (None: not pruned), or ``auto``
+    (the guard finds the ``ffn`` share)."""
+
+    ffn: float | None = None
+    heads: float | None = None
+    auto: bool = False
+
+    @property
+    def targets(self) -> dict[str, float | None]:
+        """Target -> share for the targets pruned (``ffn`` -> None under ``auto``)."""
+        if self.auto:
+            return {"ffn": None}
+        chosen = {"ffn": self.ffn, "heads": self.heads}
+        return {target: share for target, share in chosen.items() if share is not None}
+
+    @property
+    def text(self) -> str:
+        return AUTO if self.auto else ",".join(f"{t}={v:g}" for t, v in self.targets.items())
+
+
+def parse(text: str) -> PruneSpec:
+    """``auto`` or ``TARGET=FRACTION`` pairs, comma-separated (``ffn=0.2,heads=0.25``)."""
+    text = text.strip()
+    if text == AUTO:
+        return PruneSpec(auto=True)
+    values: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        target, sep, value = part.partition("=")
+        target = target.strip()
+        if not sep:
+            raise ValueError(f"expected {AUTO} or TARGET=VALUE (e.g. ffn=0.2), got {part!r}")
+        if target not in TARGETS:
+            raise ValueError(f"unknown pruning target {target!r} (known: {', '.join(TARGETS)})")
+        if target in values:
+            raise ValueError(f"{target} given twice")
+        try:
+            fraction = float(value)
+        except ValueError:
+            raise ValueError(f"{target} expects a fraction, got {value.strip()!r}") from None
+        if not 0 < fraction < 1:
+            raise ValueError(f"{target} fraction must be in (0, 1), got {value.strip()}")
+        values[target] = fraction
+    if not values:
+        raise ValueError(f"expected {AUTO} or TARGET=VALUE (e.g. ffn=0.2), got {text!r}")
+    return PruneSpec(**values)
