@@ -41,7 +41,7 @@ from pipeline.bench.generate import compare_case
 from pipeline.pruning import spec as spec_mod
 from pipeline.pruning import stage as prune_stage
 from pipeline.quantization import stage as quantize_stage
-from pipeline.quantization.lm_guard import LmBudget, LmEvaluator
+from pipeline.quantization.lm_guard import LmBudget, LmEvaluator, tokenizer_beside
 from pipeline.runtime import inputs as inputs_mod
 from pipeline.runtime import machine, sessions
 from pipeline.runtime.atomic_write import write_text_atomic
@@ -172,7 +172,7 @@ def _lm_steps(session: sessions.Session, past: int = 32) -> dict[str, dict]:
 
 def bench_smollm2(args, work: Path) -> tuple[list[str], list[dict]]:
     source = args.smollm2
-    tokenizer = source.parent / "tokenizer.json"
+    tokenizer = tokenizer_beside(source)  # main checked there is one
     model, sets, reference = _lm_rows_source(source)
     accuracy = quantize_stage.QuantizeOptions(tokenizer=tokenizer, metric="perplexity")
     evaluation = LmEvaluator(source, tokenizer, LmBudget(LM_BUDGET, 0.0), "evaluation")
@@ -256,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     only = [p for p in args.only.split(",") if p]
     if "smollm2" in only and args.smollm2 is None:
         parser.error("--smollm2 OPTIMIZED.onnx is needed (its tokenizer.json beside it)")
+    if "smollm2" in only and tokenizer_beside(args.smollm2) is None:
+        parser.error(f"no NAME.tokenizer.json or tokenizer.json beside {args.smollm2}")
     cpu = machine.cpu()
     print(f"CPU: {cpu.model} ({cpu.isa}); load {os.getloadavg()[0]:.1f} at the start")
     result: dict = {"cpu": cpu.model, "isa": cpu.isa, "parts": {}}
