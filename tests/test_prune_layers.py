@@ -21,6 +21,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.pruning import layers, moments, spec
+from pipeline.pruning.stage import least_influential
 from tests.test_cli import run_cli
 
 HIDDEN, SEQ, PAST, MS = 16, 6, 3, "com.microsoft"
@@ -265,6 +266,23 @@ def test_a_layer_writing_constants_is_cut_without_changing_the_output(form):
     for feed in data:
         for e, g in zip(before.run(None, feed), after.run(None, feed), strict=True):
             np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_least_influential_ranks_cuts_within_budget_first():
+    """An LM cut that lowers perplexity (negative drop) but misses the top-1 floor ranks
+    after every cut within the budget."""
+
+    class Score:
+        def __init__(self, drop, within=True):
+            self.drop, self.ok = drop, within
+
+        def within(self, budget):
+            return self.ok and self.drop <= budget
+
+    scores = [Score(0.02), Score(-0.5, within=False), Score(0.01), Score(0.3)]
+    assert least_influential(scores, 1, 0.1) == {2}
+    assert least_influential(scores, 2, 0.1) == {0, 2}
+    assert least_influential(scores, 3, 0.1) == {0, 1, 2}
 
 
 # ---------------------------------------------------------------- the spec

@@ -261,6 +261,15 @@ def _calibration(options, metric, samples: data.Samples) -> Calibration:
     )
 
 
+def least_influential(scores: list, count: int, budget: float) -> set[int]:
+    """The indices of the ``count`` smallest drops, those within ``budget`` first (a cut
+    that alone misses it, an LM's top-1 floor included, is worse than any that keeps it)."""
+    ranked = sorted(
+        range(len(scores)), key=lambda i: (not scores[i].within(budget), scores[i].drop)
+    )
+    return set(ranked[:count])
+
+
 def _cut_layers(
     model: ir.Model, count: int, calibration: Calibration, evaluator, folder: Path, budget: float
 ) -> tuple[ir.Model, list[dict]]:
@@ -272,21 +281,21 @@ def _cut_layers(
     residual stream across the layer) needs one run only, but says nothing of what later
     layers and the norms do with the change (a post-LN encoder renormalizes the stream after
     every sublayer). The layers are scored one at a time and the ``count`` lowest cut
-    together, whose joint effect the final check measures. A cut uses the contributions'
-    means on the fitting half of the calibration data (decisions score the other half);
-    the model kept, their means on all of it (``layers``).
+    together (``least_influential``), whose joint effect the final check measures. A cut uses
+    the contributions' means on the fitting half of the calibration data (decisions score
+    the other half); the model kept, their means on all of it (``layers``).
     """
     found = layers.find_layers(model)
     contributions = [s.contribution for layer in found for s in layer.sublayers]
     fit, other = moments.means(model, contributions, calibration.groups_for)
     scores = []
+    path = folder / "without-one-layer.onnx"  # one at a time: a copy per layer fills disks
     for layer in found:
-        path = folder / f"without-layer-{layer.index}.onnx"
         ir.save(layers.remove(model, [layer.index], fit.values), path)
         scores.append(evaluator.measure(path))
+        path.unlink()
         logger.info("prune: %s alone cut -> %s", layer.name, scores[-1].summary(budget))
-    ranked = sorted(range(len(found)), key=lambda index: scores[index].drop)
-    chosen = set(ranked[:count])
+    chosen = least_influential(scores, count, budget)
     pruned = layers.remove(model, sorted(chosen), (fit + other).values)
     rows = [
         {
