@@ -478,8 +478,10 @@ def optimize(
             metavar="SPEC",
             help="Structured pruning before quantization: ffn=FRACTION (share of the "
             "feed-forward channels removed, per block by measured importance; needs "
-            "--calibration), heads=FRACTION (attention heads of fused Attention), both "
-            "(ffn=0.2,heads=0.25), or auto (the largest ffn share within --prune-max-drop).",
+            "--calibration), heads=FRACTION (attention heads of fused Attention), "
+            "layers=N (the N whole layers of least measured influence), several "
+            "(layers=2,ffn=0.2: layers first), or auto (the largest ffn share within "
+            "--prune-max-drop).",
         ),
     ] = None,
     prune_max_drop: Annotated[

@@ -128,6 +128,15 @@ def _ffn(path: Path) -> None:
     _save(model, path)
 
 
+def _residual_ffn(path: Path) -> None:
+    """``_ffn`` with its output added back to ``x``: one residual layer."""
+    _ffn(path)
+    model = onnx.load(str(path))
+    model.graph.node[-1].output[0] = "f"
+    model.graph.node.append(helper.make_node("Add", ["x", "f"], ["y"]))
+    _save(model, path)
+
+
 def _prune(message: str, spec: str | None, *more: str) -> Case:
     """A --prune case on the ``_ffn`` model."""
     flags = ("--prune", spec) if spec is not None else ()
@@ -264,7 +273,18 @@ CASES: dict[str, Case] = {
         "--prune ffn=1.5: ffn fraction must be in (0, 1)", "ffn=1.5"
     ),
     "prune unknown target": _prune(
-        "unknown pruning target 'bogus' (known: ffn, heads)", "bogus=0.1"
+        "unknown pruning target 'bogus' (known: ffn, heads, layers)", "bogus=0.1"
+    ),
+    "prune layers not a whole number": _prune(
+        "--prune layers=1.5: layers expects a whole number of layers, got '1.5'", "layers=1.5"
+    ),
+    "prune as many layers as the model has": Case(
+        "--prune layers=1: the model has 1 layer(s); at most 0 can be removed",
+        _residual_ffn,
+        args=("{model}", "-o", "{out}", "--prune", "layers=1"),
+    ),
+    "prune layers of a model without residual layers": _prune(
+        "--prune layers: no residual layer found", "layers=1"
     ),
     "prune budget without prune": _prune(
         "--prune-max-drop needs --prune", None, "--prune-max-drop", "0.1"

@@ -51,9 +51,11 @@ def bias_of(down: ir.Node) -> tuple[ir.Node, int] | None:
     return add, other
 
 
-def residual_of(down: ir.Node) -> ir.Value | None:
-    """The residual stream the block output (after its bias) is added to: the other input
-    of the ``Add``, or of the fused ``Skip(Simplified)LayerNormalization``, that reads it."""
+def residual_site(down: ir.Node) -> tuple[ir.Node, int] | None:
+    """Where the block output (after its bias) enters the residual stream: the ``Add``, or
+    the fused ``Skip(Simplified)LayerNormalization``, that alone reads it, and the index of
+    the block output among its inputs (the other of inputs 0 and 1 is the stream, never a
+    constant)."""
     bias = bias_of(down)
     out = (bias[0] if bias is not None else down).outputs[0]
     uses = list(out.uses())
@@ -65,7 +67,13 @@ def residual_of(down: ir.Node) -> ir.Value | None:
     if not (adds or skips):
         return None
     other = node.inputs[1 - index]
-    return None if other is None or constant_array(other) is not None else other
+    return None if other is None or constant_array(other) is not None else (node, index)
+
+
+def residual_of(down: ir.Node) -> ir.Value | None:
+    """The residual stream the block output (after its bias) is added to."""
+    site = residual_site(down)
+    return None if site is None else site[0].inputs[1 - site[1]]
 
 
 def _skip_norm_bias(down: ir.Node) -> tuple[ir.Node, int] | None:
@@ -137,6 +145,34 @@ class Rewrite:
         fresh = new_initializer(self.graph, self.names, base, intercept.astype(dtype))
         node.resize_inputs(index + 1)
         node.replace_input_with(index, fresh)
+
+    def cut(self, down: ir.Node, constant: np.ndarray) -> None:
+        """The block output stops reaching the residual stream: the ``constant [H]`` (its
+        calibration mean) takes its place as an input of the ``Add``, or of the fused
+        residual norm, that reads it (``residual_site``); the block is left dead for
+        ``remove_dead`` to collect.
+
+        A fused norm's skip input cannot be a ``[H]`` constant, so it reads
+        ``Expand(constant, Shape(stream))``: the one fused kernel stays, with every output
+        it had (the residual sum SkipSimplifiedLayerNormalization hands on included), at
+        any opset; a standard norm in its place would need LayerNormalization (opset 17)
+        or RMSNormalization (23), and ORT's SimplifiedLayerNormalization fails the ONNX
+        checker below 23."""
+        node, index = residual_site(down)
+        dtype = constant_array(down.inputs[1]).dtype
+        base = f"{down.name or 'layer'}_mean"
+        fresh = new_initializer(self.graph, self.names, base, constant.astype(dtype))
+        if is_op(node, "Add"):
+            node.replace_input_with(index, fresh)
+            return
+        stream = node.inputs[1 - index]
+        shape = ir.Node("", "Shape", [stream], name=fresh_name(f"{base}_shape", self.names))
+        expand = ir.Node("", "Expand", [fresh, shape.outputs[0]], name=f"{shape.name}_expand")
+        shape.outputs[0].name, expand.outputs[0].name = shape.name, expand.name
+        expanded = expand.outputs[0]
+        expanded.type, expanded.shape = stream.type, stream.shape
+        self.graph.insert_before(node, [shape, expand])
+        node.replace_input_with(index, expanded)
 
     def _add_bias(self, down: ir.Node, intercept: np.ndarray) -> None:
         """``Add(down output, intercept)`` takes the down output's place (and name, when it

@@ -12,6 +12,9 @@ Beside it, the energy of the residual stream each block's output is added to
 (``FfnBlock.residual``, summed ``||r||^2`` over the same tokens): what a block's error is
 compared with (``importance``).
 
+A layer cut whole (``layers``) needs less: the mean of each sublayer's contribution to the
+residual stream (``means``), probed the same way.
+
 Padding is not a token: where the model takes an attention mask ``[batch, seq]`` and ``h``
 is ``[batch, seq, I]``, only the positions the mask keeps are counted (a padded position's
 activations are whatever the model computes from nothing).
@@ -69,21 +72,10 @@ def collect(
 ) -> list[Moments]:
     """``Moments`` per group of input sets. ``groups_for`` gives the groups for the session
     (a causal LM's prefill feeds follow its inputs' declared shapes); one session serves
-    them all.
-
-    The blocks' ``h`` and residual values become graph outputs for the session and are
-    taken off again, so ``model`` is left as it was.
+    them all (``_probing``: ``model`` is left as it was).
     """
     wanted = [b.hidden for b in blocks] + [b.residual for b in blocks if _readable(b.residual)]
-    added = [v for v in dict.fromkeys(wanted) if not v.is_graph_output()]
-    for index, value in enumerate(wanted):
-        value.name = value.name or f"prune_probe_{index}"
-    model.graph.outputs.extend(added)
-    try:
-        session = create_session(model, optimization="all")
-    finally:
-        for _ in added:  # pop, not del: onnx-ir only tracks graph outputs through pop
-            model.graph.outputs.pop()
+    session = _probing(model, wanted)
     result = []
     for group in groups_for(session):
         grams = [np.zeros((b.width + 1, b.width + 1), dtype=np.float64) for b in blocks]
@@ -98,6 +90,58 @@ def collect(
                     residual[index] += float(np.square(stream, dtype=np.float64).sum())
         result.append(Moments(grams, residual))
     return result
+
+
+def means(
+    model: ir.Model,
+    values: Sequence[ir.Value],
+    groups_for: Callable[[Session], Sequence[Iterable[Feeds]]],
+) -> list[Means]:
+    """``Means`` of ``values`` ``[..., H]`` per group of input sets (as ``collect``): all a
+    cut layer needs (``layers``), without a Gram matrix per value."""
+    session = _probing(model, values)
+    result = []
+    for group in groups_for(session):
+        sums = [np.float64(0.0)] * len(values)
+        count = 0
+        for feed in group:
+            outputs = session.run(feed)
+            for index, value in enumerate(values):
+                rows = tokens(np.asarray(outputs[value.name]), feed)
+                sums[index] = sums[index] + rows.sum(axis=0, dtype=np.float64)
+            count += len(rows)
+        result.append(Means(sums, count))
+    return result
+
+
+@dataclass
+class Means:
+    """Per value, its sum over ``count`` tokens."""
+
+    sums: list[np.ndarray]
+    count: int
+
+    def __add__(self, other: Means) -> Means:
+        sums = [a + b for a, b in zip(self.sums, other.sums, strict=True)]
+        return Means(sums, self.count + other.count)
+
+    @property
+    def values(self) -> list[np.ndarray]:
+        return [total / max(self.count, 1) for total in self.sums]
+
+
+def _probing(model: ir.Model, values: Sequence[ir.Value]) -> Session:
+    """A session on ``model`` that also returns ``values``: they become graph outputs for
+    it and are taken off again, so ``model`` is left as it was."""
+    added = [v for v in dict.fromkeys(values) if not v.is_graph_output()]
+    for index, value in enumerate(values):
+        value.name = value.name or f"prune_probe_{index}"
+    model.graph.outputs.extend(added)
+    try:
+        return create_session(model, optimization="all")
+    finally:
+        for _ in added:  # pop, not del: onnx-ir only tracks graph outputs through pop
+            model.graph.outputs.pop()
 
 
 def _readable(value: ir.Value | None) -> bool:

@@ -3,6 +3,8 @@
 ``--prune ffn=0.2`` removes 20% of the feed-forward intermediate channels (over all blocks;
 the share per block follows the measured importance, ``importance.allocate``);
 ``heads=0.25`` a quarter of the attention heads the same way; ``ffn=0.2,heads=0.25`` both.
+``layers=2`` removes the two whole layers of least measured influence (``layers``); with a
+share (``layers=2,ffn=0.2``) the layers go first and the share is of what remains.
 ``--prune auto`` searches the largest ``ffn`` share whose model stays within the accuracy
 budget.
 A bad spec is the user's mistake: ``ValueError`` with one line that says what is accepted
@@ -15,26 +17,33 @@ from dataclasses import dataclass
 
 AUTO = "auto"
 # ffn: intermediate channels of feed-forward blocks (ffn.py); heads: attention heads of the
-# fused Attention op (heads.py).
-TARGETS = ("ffn", "heads")
+# fused Attention op (heads.py); layers: whole residual layers, a count (layers.py).
+TARGETS = ("ffn", "heads", "layers")
 
 
 @dataclass(frozen=True)
 class PruneSpec:
-    """The pruning asked for: each target's share in (0, 1) (None: not pruned), or ``auto``
-    (the guard finds the ``ffn`` share)."""
+    """The pruning asked for: each share target's share in (0, 1) and the number of whole
+    layers removed (None: not pruned), or ``auto`` (the guard finds the ``ffn`` share)."""
 
     ffn: float | None = None
     heads: float | None = None
+    layers: int | None = None
     auto: bool = False
 
     @property
-    def targets(self) -> dict[str, float | None]:
-        """Target -> share for the targets pruned (``ffn`` -> None under ``auto``)."""
+    def shares(self) -> dict[str, float | None]:
+        """Share target -> share for the ``ffn`` / ``heads`` pruned (``ffn`` -> None under
+        ``auto``)."""
         if self.auto:
             return {"ffn": None}
         chosen = {"ffn": self.ffn, "heads": self.heads}
         return {target: share for target, share in chosen.items() if share is not None}
+
+    @property
+    def targets(self) -> dict[str, float | int | None]:
+        """Every target pruned -> its share or count (``layers`` first: they go first)."""
+        return {**({"layers": self.layers} if self.layers else {}), **self.shares}
 
     @property
     def text(self) -> str:
@@ -42,11 +51,12 @@ class PruneSpec:
 
 
 def parse(text: str) -> PruneSpec:
-    """``auto`` or ``TARGET=FRACTION`` pairs, comma-separated (``ffn=0.2,heads=0.25``)."""
+    """``auto`` or ``TARGET=VALUE`` pairs, comma-separated (``ffn=0.2,heads=0.25``,
+    ``layers=2``): a fraction for ``ffn`` and ``heads``, a count for ``layers``."""
     text = text.strip()
     if text == AUTO:
         return PruneSpec(auto=True)
-    values: dict[str, float] = {}
+    values: dict[str, float | int] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         target, sep, value = part.partition("=")
         target = target.strip()
@@ -56,6 +66,9 @@ def parse(text: str) -> PruneSpec:
             raise ValueError(f"unknown pruning target {target!r} (known: {', '.join(TARGETS)})")
         if target in values:
             raise ValueError(f"{target} given twice")
+        if target == "layers":
+            values[target] = _count(value.strip())
+            continue
         try:
             fraction = float(value)
         except ValueError:
@@ -66,3 +79,15 @@ def parse(text: str) -> PruneSpec:
     if not values:
         raise ValueError(f"expected {AUTO} or TARGET=VALUE (e.g. ffn=0.2), got {text!r}")
     return PruneSpec(**values)
+
+
+def _count(text: str) -> int:
+    """The number of layers to remove: a whole number >= 1 (whether the model has more
+    layers than that is checked on the model, ``stage.check``)."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise ValueError(f"layers expects a whole number of layers, got {text!r}") from None
+    if count < 1:
+        raise ValueError(f"layers must be at least 1, got {text}")
+    return count

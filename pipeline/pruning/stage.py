@@ -7,17 +7,20 @@ accuracy budget, measured exactly as quantization measures it (``quantization.me
 ``lm_guard``, on the data roles of ``quantization.data``):
 
 1. find the blocks of each target by structure (``ffn``: feed-forward channels; ``heads``:
-   heads of the fused Attention op); a model with none is the user's error, in one line;
-2. run the model once over the calibration data and keep each block's activation moments
+   heads of the fused Attention op; ``layers``: whole residual layers); a model with none
+   is the user's error, in one line;
+2. ``layers=N``: cut each layer alone and score it on the decision data (its influence),
+   and cut the ``N`` of least influence (``layers``); the shares below apply to the rest;
+3. run the model once over the calibration data and keep each block's activation moments
    (``moments``); a causal LM scored on perplexity is calibrated on windows of its
    calibration text;
-3. score channels (a head: its channels' sum) and share them out between blocks
+4. score channels (a head: its channels' sum) and share them out between blocks
    (``importance``), refit each down projection on what is kept (``reconstruct``, unless
    turned off);
-4. ``ffn=F`` / ``heads=F`` prune those shares; ``auto`` scores candidates on the decision
+5. ``ffn=F`` / ``heads=F`` prune those shares; ``auto`` scores candidates on the decision
    data and keeps the largest ``ffn`` share on a grid of ``STEP`` within the budget,
    doubling then bisecting as the quantization guard does (``largest_within``);
-5. check that the pruned model runs on every verification input set with the same outputs
+6. check that the pruned model runs on every verification input set with the same outputs
    (names, shapes, types), time it against the unpruned model (interleaved, the one A/B
    timer), and score it on the held-out evaluation data, which no decision saw: the final
    check that fails the run when the budget is missed.
@@ -41,7 +44,7 @@ import onnx_ir as ir
 
 from graph_passes.match import all_names
 from pipeline import lm_quality
-from pipeline.pruning import ffn, heads, importance, moments, reconstruct
+from pipeline.pruning import ffn, heads, importance, layers, moments, reconstruct
 from pipeline.pruning.graph import Rewrite
 from pipeline.pruning.spec import PruneSpec
 from pipeline.quantization import data
@@ -65,7 +68,8 @@ class PruneOptions:
     """What to prune and the budget the result must keep.
 
     Attributes:
-        spec: The targets (``spec.parse``): ``ffn=F``, ``heads=F``, both, or ``auto``.
+        spec: The targets (``spec.parse``): ``layers=N``, ``ffn=F``, ``heads=F``, any of
+            them together, or ``auto``.
         max_drop: Budget on the metric's drop against the unpruned model (``1 - similarity``;
             for perplexity, the relative increase, with the top-1 floor of the LM budget).
         reconstruct: Refit each down projection by least squares (``reconstruct``).
@@ -99,6 +103,8 @@ NOT_FOUND = {
     "activation -> MatMul with a constant weight); nothing can be pruned",
     "heads": "no prunable attention found (ONNX Runtime's fused Attention op with constant "
     "packed Q/K/V weights, read by one MatMul; see pipeline/pruning/heads.py)",
+    "layers": "no residual layer found (a MatMul with a constant weight whose output is "
+    "added to the residual stream; see pipeline/pruning/layers.py)",
 }
 
 
@@ -113,10 +119,19 @@ def check(
     """Before any work: the model has blocks of each target to prune, and there is real data
     to measure importance on (a causal LM scored on perplexity has its text). Attention
     heads are found on the fused graph only: before the passes (``fused`` False) only the
-    feed-forward blocks are looked for."""
-    for target in spec.targets:
+    feed-forward blocks and the layers are looked for. ``layers=N`` must leave a layer."""
+    for target in spec.shares:
         if (fused or target == "ffn") and not FINDERS[target].find_blocks(model):
             raise UserError(f"--prune {target}: {NOT_FOUND[target]}")
+    if spec.layers:
+        count = len(layers.find_layers(model))
+        if not count:
+            raise UserError(f"--prune layers: {NOT_FOUND['layers']}")
+        if spec.layers >= count:
+            raise UserError(
+                f"--prune layers={spec.layers}: the model has {count} layer(s); at most "
+                f"{count - 1} can be removed"
+            )
     names = [v.name for v in model.graph.inputs], [v.name for v in model.graph.outputs]
     try:
         metric = accuracy.metric_for(*names)
@@ -246,6 +261,71 @@ def _calibration(options, metric, samples: data.Samples) -> Calibration:
     )
 
 
+def least_influential(scores: list, count: int, budget: float) -> set[int]:
+    """The indices of the ``count`` smallest drops, those within ``budget`` first (a cut
+    that alone misses it, an LM's top-1 floor included, is worse than any that keeps it)."""
+    ranked = sorted(
+        range(len(scores)), key=lambda i: (not scores[i].within(budget), scores[i].drop)
+    )
+    return set(ranked[:count])
+
+
+def _cut_layers(
+    model: ir.Model, count: int, calibration: Calibration, evaluator, folder: Path, budget: float
+) -> tuple[ir.Model, list[dict]]:
+    """The model without its ``count`` layers of least influence, and one row per layer.
+
+    A layer's influence is the metric's drop against the unpruned model, on the decision
+    data, when that layer alone is cut: the end-to-end effect the budget is on, at the
+    cost of one scoring per layer. A proxy inside the model (ShortGPT's ``1 - cos`` of the
+    residual stream across the layer) needs one run only, but says nothing of what later
+    layers and the norms do with the change (a post-LN encoder renormalizes the stream after
+    every sublayer). The layers are scored one at a time and the ``count`` lowest cut
+    together (``least_influential``), whose joint effect the final check measures. A cut uses
+    the contributions' means on the fitting half of the calibration data (decisions score
+    the other half); the model kept, their means on all of it (``layers``).
+    """
+    found = layers.find_layers(model)
+    contributions = [s.contribution for layer in found for s in layer.sublayers]
+    fit, other = moments.means(model, contributions, calibration.groups_for)
+    scores = []
+    path = folder / "without-one-layer.onnx"  # one at a time: a copy per layer fills disks
+    for layer in found:
+        ir.save(layers.remove(model, [layer.index], fit.values), path)
+        scores.append(evaluator.measure(path))
+        path.unlink()
+        logger.info("prune: %s alone cut -> %s", layer.name, scores[-1].summary(budget))
+    chosen = least_influential(scores, count, budget)
+    pruned = layers.remove(model, sorted(chosen), (fit + other).values)
+    rows = [
+        {
+            "target": "layers",
+            "block": layer.name,
+            "sublayers": [sublayer.name for sublayer in layer.sublayers],
+            "units": 1,
+            "kept": int(layer.index not in chosen),
+            "removed": int(layer.index in chosen),
+            "influence": score.drop,
+            "influence_summary": score.summary(budget),
+        }
+        for layer, score in zip(found, scores, strict=True)
+    ]
+    return pruned, rows
+
+
+def _influence_data(calibration: Calibration) -> str:
+    """Where the layers' influence was measured (the report's ``data.influence``)."""
+    if calibration.split:
+        return (
+            "the metric's drop with each layer alone cut, its contributions' means from one "
+            "half of the calibration data, scored on the other"
+        )
+    return (
+        "the metric's drop with each layer alone cut, means and scores on the same "
+        "calibration data (one set only)"
+    )
+
+
 def check_interface(pruned: ir.Model, sets: list[dict], reference: list[dict]) -> None:
     """The pruned model runs on every verification set with the outputs the original had."""
     session = create_session(pruned, optimization="disable_all")
@@ -297,17 +377,28 @@ def run_stage(
             raise UserError(f"--prune: {exc}") from exc
         notes: list[str] = []
         calibration = _calibration(accuracy, metric, samples)
-        blocks = find_blocks(optimized, options.spec.targets)
-        fit, other = moments.collect(optimized, [b for _, b in blocks], calibration.groups_for)
+        base, layer_rows = optimized, []
+        if options.spec.layers:
+            evaluator = quantize_stage.decision_evaluator(
+                fp32_path, accuracy, metric, calibration.decide, []
+            )
+            base, layer_rows = _cut_layers(
+                optimized, options.spec.layers, calibration, evaluator, Path(tmp), budget
+            )
+        shares = options.spec.shares
+        blocks = find_blocks(base, shares)
+        if blocks:
+            fit, other = moments.collect(base, [b for _, b in blocks], calibration.groups_for)
+        else:  # layers alone: no channel is scored
+            fit = other = moments.Moments([], np.zeros(0))
         search: list[Point] = []
-        shares = options.spec.targets
         if options.spec.auto:
             if not calibration.split:
                 notes.append(
                     "prune auto: one calibration set only; decisions are scored on the data "
                     "the moments come from, which flatters the refit"
                 )
-            pruner = _Pruner(optimized, blocks, fit, options.reconstruct)
+            pruner = _Pruner(base, blocks, fit, options.reconstruct)
             evaluator = quantize_stage.decision_evaluator(
                 fp32_path, accuracy, metric, calibration.decide, []
             )
@@ -337,7 +428,12 @@ def run_stage(
             "max_drop": budget,
             "data": {
                 **samples.roles,
-                "importance": f"{calibration.described} ({stats.tokens} tokens)",
+                **(
+                    {"importance": f"{calibration.described} ({stats.tokens} tokens)"}
+                    if blocks
+                    else {}
+                ),
+                **({"influence": _influence_data(calibration)} if layer_rows else {}),
                 **({"auto": "moments on one half of it, decisions on the other"} if search else {}),
             },
             "search": [point.to_dict(budget) for point in search],
@@ -350,7 +446,8 @@ def run_stage(
             )
             section.update(pruned=False, final_check={"passed": True, "summary": "unpruned"})
             return optimized, section
-        pruned, layers = _Pruner(optimized, blocks, stats, options.reconstruct).build(shares)
+        pruned, rows = _Pruner(base, blocks, stats, options.reconstruct).build(shares)
+        rows = layer_rows + rows
         check_interface(pruned, sets, reference)
         out_path = Path(tmp) / "pruned.onnx"
         ir.save(pruned, out_path)
@@ -361,15 +458,16 @@ def run_stage(
             optimized, pruned, samples.decision[0], rounds=options.latency_rounds
         )
     totals = {}
-    for target in shares:
-        before = sum(row["units"] for row in layers if row["target"] == target)
-        after = sum(row["kept"] for row in layers if row["target"] == target)
+    for target in options.spec.targets:
+        before = sum(row["units"] for row in rows if row["target"] == target)
+        after = sum(row["kept"] for row in rows if row["target"] == target)
         totals[target] = {"before": before, "after": after, "removed_fraction": 1 - after / before}
     section.update(
         pruned=True,
         fractions=shares,
         totals=totals,
-        layers=layers,
+        layers=rows,
+        layers_removed=[row["block"] for row in layer_rows if row["removed"]],
         latency=latency.to_dict(),
         final_check=quantize_stage.final_check_section(final, against, metric, budget),
     )
