@@ -53,6 +53,7 @@ MINILM_ROWS = (  # (label, --prune, refit, --precision); the first row is the ba
     *((f"ffn={f}, no refit", f"ffn={f}", False, "fp32") for f in (0.2, 0.4)),
     ("auto (budget 0.03)", "auto", True, "fp32"),
     ("heads=0.25", "heads=0.25", True, "fp32"),
+    *((f"layers={n}", f"layers={n}", True, "fp32") for n in (1, 2)),
     ("ffn=0.2,heads=0.25", "ffn=0.2,heads=0.25", True, "fp32"),
     ("int8-dynamic alone", None, True, "int8-dynamic"),
     ("ffn=0.2 + int8-dynamic", "ffn=0.2", True, "int8-dynamic"),
@@ -68,7 +69,7 @@ SMOLLM2_ROWS = (
 )
 LM_BUDGET = 5.0  # the rows report what pruning costs; no budget is meant to stop them
 LOOSE_BUDGET = 0.5
-MINILM_UNITS = {"ffn": 9216, "heads": 72}  # 6 layers of 1536 FFN channels and 12 heads
+MINILM_UNITS = {"ffn": 9216, "heads": 72, "layers": 6}  # 6 layers: 1536 FFN channels, 12 heads
 
 
 def _minilm_build(fp32: Path, target: Path, data: dict[str, Path], row) -> dict:
@@ -110,7 +111,7 @@ def bench_minilm(args, work: Path) -> tuple[list[str], list[dict]]:
     reference = q.embed(fp32, batches, 2)
     feed = q.long_feed(held_out)
     lines = [
-        "| configuration | FFN channels / heads kept | pooled cosine | NN agree | CPU time vs "
+        "| configuration | FFN channels / heads / layers kept | pooled cosine | NN agree | CPU time vs "
         "export (1 thread) | CPU time vs fused | wall vs fused (2 threads) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]

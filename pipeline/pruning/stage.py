@@ -409,6 +409,7 @@ def run_stage(
                 share = round(level * STEP, 6)
                 ir.save(pruner.build({"ffn": share})[0], path)
                 point = Point(share, evaluator.measure(path))
+                path.unlink()  # a large model's candidates would fill the disk otherwise
                 logger.info("prune ffn=%g -> %s", point.fraction, point.score.summary(budget))
                 return point
 
@@ -428,6 +429,8 @@ def run_stage(
             "max_drop": budget,
             "data": {
                 **samples.roles,
+                # A causal LM's moments come from windows of text, not from its input sets.
+                **({} if metric.from_feeds else {"calibration": calibration.described}),
                 **(
                     {"importance": f"{calibration.described} ({stats.tokens} tokens)"}
                     if blocks
