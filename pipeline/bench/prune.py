@@ -111,8 +111,8 @@ def bench_minilm(args, work: Path) -> tuple[list[str], list[dict]]:
     reference = q.embed(fp32, batches, 2)
     feed = q.long_feed(held_out)
     lines = [
-        "| configuration | FFN channels / heads / layers kept | pooled cosine | NN agree | CPU time vs "
-        "export (1 thread) | CPU time vs fused | wall vs fused (2 threads) |",
+        "| configuration | FFN channels / heads / layers kept | pooled cosine | NN agree | "
+        "CPU time vs export (1 thread) | CPU time vs fused | wall vs fused (2 threads) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     rows, fused = [], work / "minilm-0.onnx"
