@@ -701,3 +701,29 @@ def test_intercept_goes_to_a_fused_residual_norms_bias(op):
     )
     feed = feeds(1)[0]
     np.testing.assert_allclose(run(pruned, feed), run(reference, feed), rtol=1e-4, atol=1e-4)
+
+
+def test_stage_prunes_a_model_whose_weights_live_in_another_models_data_file(tmp_path):
+    """A large model's weights stay on disk (the optimized SmolLM2 as the bench loads it):
+    the stage's own copies must carry them, or ONNX Runtime looks for the data file beside
+    the temporary copy (it failed with 'External data path does not exist')."""
+    from pipeline.pruning import stage as prune_stage
+    from pipeline.quantization.stage import QuantizeOptions
+    from pipeline.runtime import sessions
+
+    source = tmp_path / "weights" / "m.onnx"
+    source.parent.mkdir()
+    onnx.save(build("gelu", seed=2), source, save_as_external_data=True, size_threshold=0)
+    model = ir.load(source)
+    assert sessions.has_external_tensors(model)
+    sets = feeds(2)
+    reference = sessions.run_all(sessions.create_session(model), sets)
+    accuracy = QuantizeOptions(calibration=_calibration(tmp_path / "calib"))
+    options = prune_stage.PruneOptions(spec.parse("ffn=0.25"), max_drop=0.5, latency_rounds=3)
+    pruned, section = prune_stage.run_stage(model, options, accuracy, sets, reference)
+    assert section["final_check"]["passed"], section["final_check"]
+    assert section["totals"]["ffn"]["after"] == 2 * INTER - round(0.25 * 2 * INTER)
+    out = tmp_path / "out" / "pruned.onnx"
+    out.parent.mkdir()
+    sessions.save_self_contained(pruned, out)
+    assert run(onnx.load(str(out)), sets[0]).shape == (3, SEQ, HIDDEN)

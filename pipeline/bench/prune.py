@@ -202,7 +202,7 @@ def bench_smollm2(args, work: Path) -> tuple[list[str], list[dict]]:
             lowered = dataclasses.replace(accuracy, precision=precision)
             candidate, _ = quantize_stage.run_stage(candidate, lowered, sets, reference)
         path = work / f"smollm2-{index}.onnx"
-        ir.save(candidate, path)
+        sessions.save_self_contained(candidate, path)
         built = time.perf_counter() - started
         if precision == "fp32":  # the stage's final check scored exactly this
             outputs = pruning["final_check"]["outputs"]
@@ -239,7 +239,7 @@ def bench_smollm2(args, work: Path) -> tuple[list[str], list[dict]]:
             f"{speed['candidate']['decode_tokens_per_s']:.1f} |"
         )
         print(lines[-1], flush=True)
-        path.unlink()
+        sessions.delete_saved(path)
     return lines, rows
 
 

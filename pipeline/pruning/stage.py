@@ -52,7 +52,7 @@ from pipeline.quantization import stage as quantize_stage
 from pipeline.quantization.exclusions import budget_row, first_flip
 from pipeline.quantization.lm_guard import LENGTH
 from pipeline.runtime.errors import UserError, VerificationFailed
-from pipeline.runtime.sessions import create_session
+from pipeline.runtime.sessions import create_session, delete_saved, save_self_contained
 from pipeline.runtime.timing import compare_latency
 
 logger = logging.getLogger(__name__)
@@ -291,9 +291,9 @@ def _cut_layers(
     scores = []
     path = folder / "without-one-layer.onnx"  # one at a time: a copy per layer fills disks
     for layer in found:
-        ir.save(layers.remove(model, [layer.index], fit.values), path)
+        save_self_contained(layers.remove(model, [layer.index], fit.values), path)
         scores.append(evaluator.measure(path))
-        path.unlink()
+        delete_saved(path)
         logger.info("prune: %s alone cut -> %s", layer.name, scores[-1].summary(budget))
     chosen = least_influential(scores, count, budget)
     pruned = layers.remove(model, sorted(chosen), (fit + other).values)
@@ -368,7 +368,7 @@ def run_stage(
     accuracy = dataclasses.replace(accuracy, max_drop=None, lm_budget=lm_budget)
     with tempfile.TemporaryDirectory(prefix="ovo-prune-") as tmp:
         fp32_path = Path(tmp) / "fp32.onnx"
-        ir.save(optimized, fp32_path)
+        save_self_contained(optimized, fp32_path)
         fp32 = onnx.load(str(fp32_path), load_external_data=False)
         try:
             metric = accuracy.metric_for(*quantize_stage.io_names(fp32))
@@ -407,9 +407,9 @@ def run_stage(
             def measure(level: int) -> Point:
                 path = Path(tmp) / f"candidate-{next(counter)}.onnx"
                 share = round(level * STEP, 6)
-                ir.save(pruner.build({"ffn": share})[0], path)
+                save_self_contained(pruner.build({"ffn": share})[0], path)
                 point = Point(share, evaluator.measure(path))
-                path.unlink()  # a large model's candidates would fill the disk otherwise
+                delete_saved(path)  # a large model's candidates would fill the disk otherwise
                 logger.info("prune ffn=%g -> %s", point.fraction, point.score.summary(budget))
                 return point
 
@@ -453,7 +453,7 @@ def run_stage(
         rows = layer_rows + rows
         check_interface(pruned, sets, reference)
         out_path = Path(tmp) / "pruned.onnx"
-        ir.save(pruned, out_path)
+        save_self_contained(pruned, out_path)
         final, against = quantize_stage.final_check(
             fp32_path, out_path, accuracy, metric, samples, sets, reference
         )

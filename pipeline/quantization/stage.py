@@ -826,7 +826,7 @@ def run_stage(
     import onnx_ir as ir
 
     from pipeline.runtime.errors import UserError
-    from pipeline.runtime.sessions import has_external_tensors
+    from pipeline.runtime.sessions import save_self_contained
 
     if reference is None:
         raise UserError(
@@ -838,8 +838,7 @@ def run_stage(
         out_path = Path(tmp) / "quantized.onnx"
         # A model whose weights are on disk (a large one) stays so: its tensors are written
         # to the stage's own data file, streamed, never gathered into one protobuf.
-        external = "fp32.onnx.data" if has_external_tensors(optimized) else None
-        ir.save(optimized, fp32_path, external_data=external)
+        save_self_contained(optimized, fp32_path)
         fp32 = onnx.load(str(fp32_path), load_external_data=False)
         try:
             metric = options.metric_for(*io_names(fp32))

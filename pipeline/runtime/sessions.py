@@ -64,6 +64,23 @@ def has_external_tensors(model: ir.Model) -> bool:
     )
 
 
+def save_self_contained(model: ir.Model, path: Path) -> None:
+    """Save ``model`` so that ``path`` loads from its own folder: tensors that live in
+    another model's data file (a large model's weights stay on disk) are streamed into
+    ``PATH.data`` beside it; a model held in memory is one file. Saving such a model
+    plainly would write references to a data file that is not beside ``path``."""
+    path = Path(path)
+    external = f"{path.name}.data" if has_external_tensors(model) else None
+    ir.save(model, path, external_data=external)
+
+
+def delete_saved(path: Path) -> None:
+    """Remove a model written by ``save_self_contained`` and its data file, if any."""
+    path = Path(path)
+    for file in (path, path.with_name(f"{path.name}.data")):
+        file.unlink(missing_ok=True)
+
+
 def _external_folders(model: ir.Model) -> set[Path]:
     return {
         Path(v.const_value.base_dir).resolve()
