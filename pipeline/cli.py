@@ -479,9 +479,10 @@ def optimize(
             help="Structured pruning before quantization: ffn=FRACTION (share of the "
             "feed-forward channels removed, per block by measured importance; needs "
             "--calibration), heads=FRACTION (attention heads of fused Attention), "
-            "layers=N (the N whole layers of least measured influence), several "
-            "(layers=2,ffn=0.2: layers first), or auto (the largest ffn share within "
-            "--prune-max-drop).",
+            "layers=N (the N whole layers of least measured influence), sparse=2:4 "
+            "(2 of every 4 MatMul weights zeroed, for TensorRT's sparse kernels), several "
+            "(layers=2,ffn=0.2,sparse=2:4: layers first, sparse last), or auto (the "
+            "largest ffn share within --prune-max-drop).",
         ),
     ] = None,
     prune_max_drop: Annotated[

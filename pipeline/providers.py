@@ -98,6 +98,7 @@ TENSORRT_OPTIONS = frozenset(
         "trt_detailed_build_log",
         "trt_cuda_graph_enable",
         "trt_dump_subgraphs",
+        "trt_sparsity_enable",  # TensorRT may use its 2:4 sparse kernels (flag_sparse_weights)
     }
 )
 
@@ -739,6 +740,33 @@ def finalize_tensorrt(
     if opts.get("trt_engine_cache_enable") == "True":
         Path(opts["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
         Path(opts["trt_timing_cache_path"]).mkdir(parents=True, exist_ok=True)
+
+
+def flag_sparse_weights(resolution: Resolution) -> str:
+    """Tell the resolved provider that the model's weights hold the 2:4 pattern
+    (``--prune sparse=2:4``); returns the note for the report.
+
+    TensorRT picks its sparse kernels only when the builder may (ORT's provider option
+    ``trt_sparsity_enable``, TensorRT's ``kSPARSE_WEIGHTS``, ``trtexec --sparsity``) and
+    only for fp16 or int8 layers; a user's own ``trt_sparsity_enable`` wins. Every other
+    provider runs the zeros through dense kernels.
+    """
+    if resolution.resolved != "tensorrt":
+        return (
+            f"prune sparse=2:4: no speed-up on {resolution.resolved}: its kernels are dense, "
+            "so the zeros are multiplied like any weight; the model is only smaller once "
+            "compressed (zip); TensorRT (--provider tensorrt) has sparse kernels"
+        )
+    opts = resolution.options.setdefault(PROVIDERS["tensorrt"].ort_name, {})
+    if opts.setdefault("trt_sparsity_enable", "True") != "True":
+        return (
+            "prune sparse=2:4: trt_sparsity_enable=False was given, so TensorRT will not "
+            "use its sparse kernels"
+        )
+    note = "prune sparse=2:4: trt_sparsity_enable=True: TensorRT may pick its sparse kernels"
+    if "True" not in (opts.get("trt_fp16_enable"), opts.get("trt_int8_enable")):
+        note += " (for fp16 or int8 layers only: add trt_fp16_enable=1)"
+    return note + "; the speed-up is not measured by this stage's CPU latency"
 
 
 def dynamic_axes(model) -> dict[str, list[bool]]:

@@ -466,6 +466,11 @@ def _run(
         failure = prune_mod.stage_failure(report.pruning)
         if failure:
             raise VerificationFailed(failure)
+        if options.prune.spec.sparse:
+            report.warnings.append(providers_mod.flag_sparse_weights(resolution))
+            report.provider["options"] = resolution.to_dict()["options"]
+            if resolution.resolved != "cpu":
+                latency_providers = resolution.session_providers()
 
     lowered = options.quantize is not None and options.quantize.precision != "fp32"
     if lowered:

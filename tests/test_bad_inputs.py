@@ -273,7 +273,14 @@ CASES: dict[str, Case] = {
         "--prune ffn=1.5: ffn fraction must be in (0, 1)", "ffn=1.5"
     ),
     "prune unknown target": _prune(
-        "unknown pruning target 'bogus' (known: ffn, heads, layers)", "bogus=0.1"
+        "unknown pruning target 'bogus' (known: ffn, heads, layers, sparse)", "bogus=0.1"
+    ),
+    "prune sparse pattern other than 2:4": _prune(
+        "--prune sparse=1:4: sparse accepts 2:4 only", "sparse=1:4"
+    ),
+    "prune sparse on a model with no eligible weight": Case(
+        "--prune sparse: no weight takes the 2:4 pattern",
+        args=("{model}", "-o", "{out}", "--prune", "sparse=2:4"),
     ),
     "prune layers not a whole number": _prune(
         "--prune layers=1.5: layers expects a whole number of layers, got '1.5'", "layers=1.5"

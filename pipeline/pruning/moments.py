@@ -13,7 +13,9 @@ Beside it, the energy of the residual stream each block's output is added to
 compared with (``importance``).
 
 A layer cut whole (``layers``) needs less: the mean of each sublayer's contribution to the
-residual stream (``means``), probed the same way.
+residual stream (``means``), probed the same way. 2:4 sparsity (``sparse``) needs each
+input channel's energy ``sum x_k^2`` at every weight's MatMul (``energies``): a diagonal,
+where the FFN blocks keep the whole ``G``.
 
 Padding is not a token: where the model takes an attention mask ``[batch, seq]`` and ``h``
 is ``[batch, seq, I]``, only the positions the mask keeps are counted (a padded position's
@@ -112,6 +114,27 @@ def means(
             count += len(rows)
         result.append(Means(sums, count))
     return result
+
+
+def energies(
+    model: ir.Model,
+    values: Sequence[ir.Value],
+    groups_for: Callable[[Session], Sequence[Iterable[Feeds]]],
+) -> list[np.ndarray]:
+    """Per value ``[..., K]``, ``sum x_k^2`` (float64) over the real tokens of all the input
+    sets of every group: one run per set, as ``collect``. A graph input is read from the
+    feeds (the session is not asked to return what it is given)."""
+    unique = list(dict.fromkeys(values))
+    session = _probing(model, [v for v in unique if not v.is_graph_input()])
+    totals = {v: np.float64(0.0) for v in unique}
+    for group in groups_for(session):
+        for feed in group:
+            outputs = session.run(feed)
+            for value in unique:
+                array = feed[value.name] if value.is_graph_input() else outputs[value.name]
+                rows = tokens(np.asarray(array), feed)
+                totals[value] = totals[value] + np.square(rows, dtype=np.float64).sum(axis=0)
+    return [totals[v] for v in values]
 
 
 @dataclass

@@ -5,8 +5,10 @@ the share per block follows the measured importance, ``importance.allocate``);
 ``heads=0.25`` a quarter of the attention heads the same way; ``ffn=0.2,heads=0.25`` both.
 ``layers=2`` removes the two whole layers of least measured influence (``layers``); with a
 share (``layers=2,ffn=0.2``) the layers go first and the share is of what remains.
-``--prune auto`` searches the largest ``ffn`` share whose model stays within the accuracy
-budget.
+``sparse=2:4`` zeroes 2 of every 4 consecutive weights along the reduction axis of every
+eligible MatMul/Gemm (``sparse``: TensorRT's sparse kernels); with other targets it comes
+last, on the model they leave. ``--prune auto`` searches the largest ``ffn`` share whose model
+stays within the accuracy budget.
 A bad spec is the user's mistake: ``ValueError`` with one line that says what is accepted
 (the CLI turns it into exit 2).
 """
@@ -17,18 +19,22 @@ from dataclasses import dataclass
 
 AUTO = "auto"
 # ffn: intermediate channels of feed-forward blocks (ffn.py); heads: attention heads of the
-# fused Attention op (heads.py); layers: whole residual layers, a count (layers.py).
-TARGETS = ("ffn", "heads", "layers")
+# fused Attention op (heads.py); layers: whole residual layers, a count (layers.py); sparse:
+# the 2:4 weight pattern, its one accepted value (sparse.py).
+TARGETS = ("ffn", "heads", "layers", "sparse")
+SPARSE_PATTERN = "2:4"
 
 
 @dataclass(frozen=True)
 class PruneSpec:
-    """The pruning asked for: each share target's share in (0, 1) and the number of whole
-    layers removed (None: not pruned), or ``auto`` (the guard finds the ``ffn`` share)."""
+    """The pruning asked for: each share target's share in (0, 1), the number of whole
+    layers removed (None: not pruned) and whether the 2:4 pattern is applied last, or
+    ``auto`` (the guard finds the ``ffn`` share)."""
 
     ffn: float | None = None
     heads: float | None = None
     layers: int | None = None
+    sparse: bool = False
     auto: bool = False
 
     @property
@@ -41,18 +47,28 @@ class PruneSpec:
         return {target: share for target, share in chosen.items() if share is not None}
 
     @property
-    def targets(self) -> dict[str, float | int | None]:
-        """Every target pruned -> its share or count (``layers`` first: they go first)."""
-        return {**({"layers": self.layers} if self.layers else {}), **self.shares}
+    def targets(self) -> dict[str, float | int | str | None]:
+        """Every target pruned -> its share, count or pattern, in the order they are applied
+        (``layers`` first, ``sparse`` last)."""
+        return {
+            **({"layers": self.layers} if self.layers else {}),
+            **self.shares,
+            **({"sparse": SPARSE_PATTERN} if self.sparse else {}),
+        }
 
     @property
     def text(self) -> str:
-        return AUTO if self.auto else ",".join(f"{t}={v:g}" for t, v in self.targets.items())
+        if self.auto:
+            return AUTO
+        return ",".join(
+            f"{t}={v}" if isinstance(v, str) else f"{t}={v:g}" for t, v in self.targets.items()
+        )
 
 
 def parse(text: str) -> PruneSpec:
     """``auto`` or ``TARGET=VALUE`` pairs, comma-separated (``ffn=0.2,heads=0.25``,
-    ``layers=2``): a fraction for ``ffn`` and ``heads``, a count for ``layers``."""
+    ``layers=2``, ``sparse=2:4``): a fraction for ``ffn`` and ``heads``, a count for
+    ``layers``, the pattern for ``sparse``."""
     text = text.strip()
     if text == AUTO:
         return PruneSpec(auto=True)
@@ -68,6 +84,14 @@ def parse(text: str) -> PruneSpec:
             raise ValueError(f"{target} given twice")
         if target == "layers":
             values[target] = _count(value.strip())
+            continue
+        if target == "sparse":
+            if value.strip() != SPARSE_PATTERN:
+                raise ValueError(
+                    f"sparse accepts {SPARSE_PATTERN} only (the pattern TensorRT's sparse "
+                    f"kernels run), got {value.strip()!r}"
+                )
+            values[target] = True
             continue
         try:
             fraction = float(value)

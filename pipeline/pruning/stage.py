@@ -20,7 +20,10 @@ accuracy budget, measured exactly as quantization measures it (``quantization.me
 5. ``ffn=F`` / ``heads=F`` prune those shares; ``auto`` scores candidates on the decision
    data and keeps the largest ``ffn`` share on a grid of ``STEP`` within the budget,
    doubling then bisecting as the quantization guard does (``largest_within``);
-6. check that the pruned model runs on every verification input set with the same outputs
+6. ``sparse=2:4`` last, on what the targets above left: the 2:4 pattern on every eligible
+   MatMul/Gemm weight, chosen by the input-channel norms on the calibration data
+   (``sparse``), and checked on the saved model;
+7. check that the pruned model runs on every verification input set with the same outputs
    (names, shapes, types), time it against the unpruned model (interleaved, the one A/B
    timer), and score it on the held-out evaluation data, which no decision saw: the final
    check that fails the run when the budget is missed.
@@ -44,7 +47,7 @@ import onnx_ir as ir
 
 from graph_passes.match import all_names
 from pipeline import lm_quality
-from pipeline.pruning import ffn, heads, importance, layers, moments, reconstruct
+from pipeline.pruning import ffn, heads, importance, layers, moments, reconstruct, sparse
 from pipeline.pruning.graph import Rewrite
 from pipeline.pruning.spec import PruneSpec
 from pipeline.quantization import data
@@ -105,6 +108,9 @@ NOT_FOUND = {
     "packed Q/K/V weights, read by one MatMul; see pipeline/pruning/heads.py)",
     "layers": "no residual layer found (a MatMul with a constant weight whose output is "
     "added to the residual stream; see pipeline/pruning/layers.py)",
+    "sparse": "no weight takes the 2:4 pattern (a MatMul or Gemm with a constant 2-D float "
+    "weight, reduction dimension a multiple of 4, not producing a graph output; see "
+    "pipeline/pruning/sparse.py)",
 }
 
 
@@ -132,6 +138,8 @@ def check(
                 f"--prune layers={spec.layers}: the model has {count} layer(s); at most "
                 f"{count - 1} can be removed"
             )
+    if spec.sparse and not sparse.find_weights(model)[0]:
+        raise UserError(f"--prune sparse: {NOT_FOUND['sparse']}")
     names = [v.name for v in model.graph.inputs], [v.name for v in model.graph.outputs]
     try:
         metric = accuracy.metric_for(*names)
@@ -451,9 +459,23 @@ def run_stage(
             return optimized, section
         pruned, rows = _Pruner(base, blocks, stats, options.reconstruct).build(shares)
         rows = layer_rows + rows
+        sparse_rows: list[dict] = []
+        if options.spec.sparse:
+            sparse_rows, dense = sparse.apply(pruned, calibration.groups_for)
         check_interface(pruned, sets, reference)
         out_path = Path(tmp) / "pruned.onnx"
         save_self_contained(pruned, out_path)
+        if options.spec.sparse:
+            pattern = sparse.check_saved(ir.load(out_path), sparse_rows)
+            if not pattern["passed"]:
+                raise VerificationFailed(
+                    f"prune sparse: the saved model breaks the 2:4 pattern in "
+                    f"{', '.join(pattern['violations'])}"
+                )
+            section["data"]["sparsity"] = (
+                f"input-channel norms at each weight's MatMul on {calibration.described}"
+            )
+            section["sparsity"] = _sparsity_section(sparse_rows, dense, pattern)
         final, against = quantize_stage.final_check(
             fp32_path, out_path, accuracy, metric, samples, sets, reference
         )
@@ -462,6 +484,9 @@ def run_stage(
         )
     totals = {}
     for target in options.spec.targets:
+        if target == "sparse":
+            totals[target] = section["sparsity"]["totals"]
+            continue
         before = sum(row["units"] for row in rows if row["target"] == target)
         after = sum(row["kept"] for row in rows if row["target"] == target)
         totals[target] = {"before": before, "after": after, "removed_fraction": 1 - after / before}
@@ -475,6 +500,27 @@ def run_stage(
         final_check=quantize_stage.final_check_section(final, against, metric, budget),
     )
     return pruned, section
+
+
+def _sparsity_section(rows: list[dict], dense: list[dict], pattern: dict) -> dict:
+    """The report's ``pruning.sparsity``: per weight and in total, the weights zeroed, the
+    weights left dense and why, and the pattern as checked on the saved model."""
+    before = sum(row["nonzero_before"] for row in rows)
+    after = sum(row["nonzero_after"] for row in rows)
+    size = sum(int(np.prod(row["shape"])) for row in rows)
+    return {
+        "pattern": "2:4",
+        "weights": rows,
+        "dense": dense,
+        "totals": {
+            "weights": len(rows),
+            "before": before,
+            "after": after,
+            "removed_fraction": 1 - after / before if before else 0.0,
+            "zero_share": 1 - after / size if size else 0.0,
+        },
+        "pattern_check": pattern,
+    }
 
 
 def stage_failure(section: dict) -> str | None:
