@@ -25,6 +25,7 @@ from graph_passes.target import kernel_timing, timing_store
 from graph_passes.target.kernel_timing import KernelCheck, check_rewrite
 from graph_passes.target.targets import Target
 from graph_passes.testing.helpers import apply_pass, assert_parity, model_from_text, op_list
+from pipeline import fusion_report
 from pipeline.fusion_report import FusionRow, _row, kernel_timing_rows
 from pipeline.runtime import machine
 
@@ -630,3 +631,10 @@ def test_the_report_explains_an_undecided_fusion() -> None:
     fusion = _row("skip_layernorm", 2, 0, "residual LayerNorms", slower=[noisy] * 2)
     assert (fusion.declined, fusion.unexplained) == (2, 0)
     assert "undecided: timing too noisy" in fusion.note
+
+
+def test_an_undecided_check_is_declined_in_the_fusion_rows() -> None:
+    target = Target("cpu", time_kernels=True)
+    target.kernel_checks.append(dataclasses.replace(_check("undecided", 1.0), noise=0.3))
+    ops = frozenset({"SkipLayerNormalization"})
+    assert fusion_report._declined(target, ops) == target.kernel_checks
