@@ -310,6 +310,14 @@ def optimize(
             "it where slower (cpu target; default: recipe).",
         ),
     ] = None,
+    retime: Annotated[
+        bool,
+        typer.Option(
+            "--retime",
+            help="Time the fusions again instead of reusing this machine's stored kernel "
+            "timings, and store the new ones.",
+        ),
+    ] = False,
     target: Annotated[
         str | None,
         typer.Option(
@@ -550,6 +558,7 @@ def optimize(
             verify=verify,
             speed_check=speed_check,
             time_kernels=time_kernels,
+            retime=retime,
             target=target,
             portable=portable,
             raise_opset=raise_opset,
@@ -638,9 +647,14 @@ def _run_options(model: Path, output_path: Path, **given):
         verify_mode=given["verify"],
         speed_check=given["speed_check"],
         time_kernels=given["time_kernels"],
+        retime=given["retime"] or None,
         target=_pick_target(given["target"], given["portable"]),
         raise_opset_to=given["raise_opset"],
     )
+    if chosen.speed.retime and not chosen.speed.time_kernels:
+        raise UserError(
+            "--retime needs kernel timing, which --no-time-kernels (or the recipe) turns off"
+        )
     return RunOptions(
         input_path=model,
         output_path=output_path,

@@ -62,8 +62,9 @@ class FusionRow:
     expected: int
     achieved: int
     note: str = ""
-    # Left unfused on purpose: the fused kernel was measured slower on the target
-    # (graph_passes/target/kernel_timing.py). Not a shortfall.
+    # Left unfused on purpose: the fused kernel was measured slower on the target, or too
+    # noisy to tell ("undecided: timing too noisy"; graph_passes/target/kernel_timing.py).
+    # Not a shortfall.
     declined: int = 0
 
     @property
@@ -192,13 +193,18 @@ def _row(
     why: str = "",
     slower: list[KernelCheck] = (),
 ) -> FusionRow:
-    """The row; ``slower``: this row's fusions the target measured slower (declined)."""
+    """The row; ``slower``: this row's fusions the target declined, measured slower or
+    ``undecided`` (too noisy to tell: the unfused form is kept). Both are explained, not a
+    shortfall."""
     note = ""
     declined = min(len(slower), max(0, expected - achieved))
     if achieved < expected:
         note = f"{fusion} not fused in {expected - achieved} of {expected} {unit}"
         if declined:
-            note += f": {declined} left out on purpose, {slower[0].describe()}"
+            measured = [c for c in slower if c.verdict != "undecided"]
+            noisy = [c for c in slower if c.verdict == "undecided"]
+            why = [c[0].describe() for c in (measured, noisy) if c]
+            note += f": {declined} left out on purpose, {'; '.join(why)}"
         elif why:
             note += f": {why}"
         if declined < expected - achieved:
@@ -207,7 +213,8 @@ def _row(
 
 
 def _declined(target: Target, ops: frozenset[str]) -> list[KernelCheck]:
-    """The target's declined measurements whose fused op is one of ``ops``."""
+    """The target's declined measurements (slower or undecided) whose fused op is one of
+    ``ops``."""
     return [c for c in target.kernel_checks if c.declined and c.fused.split(".")[-1] in ops]
 
 

@@ -54,6 +54,9 @@ class SpeedSettings:
     # Time each contrib fusion against the nodes it replaces on this CPU and leave it out
     # where the fused kernel is slower (graph_passes/target/kernel_timing.py; cpu target only).
     time_kernels: bool = True
+    # Ignore this machine's stored kernel-timing verdicts, measure again and replace them
+    # with the new clean ones (the CLI's --retime; needs time_kernels).
+    retime: bool = False
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ class Recipe:
         verify_mode: str | None = None,
         speed_check: bool | None = None,
         time_kernels: bool | None = None,
+        retime: bool | None = None,
         target: str | None = None,
         raise_opset_to: int | None = None,
     ) -> Recipe:
@@ -104,6 +108,7 @@ class Recipe:
             self.speed,
             check=self.speed.check if speed_check is None else speed_check,
             time_kernels=self.speed.time_kernels if time_kernels is None else time_kernels,
+            retime=self.speed.retime if retime is None else retime,
         )
         return dataclasses.replace(
             self,

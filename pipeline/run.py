@@ -413,7 +413,12 @@ def _run(
     report.recipe["verify"]["mode_used"] = mode
     original = model.clone()
     listener.stage("passes")
-    target = Target(recipe.target, recipe.raise_opset_to, time_kernels=recipe.speed.time_kernels)
+    target = Target(
+        recipe.target,
+        recipe.raise_opset_to,
+        time_kernels=recipe.speed.time_kernels,
+        retime=recipe.speed.retime,
+    )
     manager = VerifiedPassManager(
         recipe.passes,
         verifier,

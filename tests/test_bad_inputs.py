@@ -231,6 +231,10 @@ CASES: dict[str, Case] = {
     "unknown pass": Case(
         "unknown pass", args=("{model}", "-o", "{out}", "--passes", "no_such_pass")
     ),
+    "retime without kernel timing": Case(
+        "--retime needs kernel timing",
+        args=("{model}", "-o", "{out}", "--retime", "--no-time-kernels"),
+    ),
     "unknown recipe": Case(
         "unknown recipe", args=("{model}", "-o", "{out}", "--recipe", "no_such_recipe")
     ),

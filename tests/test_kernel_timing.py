@@ -25,6 +25,7 @@ from graph_passes.target import kernel_timing, timing_store
 from graph_passes.target.kernel_timing import KernelCheck, check_rewrite
 from graph_passes.target.targets import Target
 from graph_passes.testing.helpers import apply_pass, assert_parity, model_from_text, op_list
+from pipeline import fusion_report
 from pipeline.fusion_report import FusionRow, _row, kernel_timing_rows
 from pipeline.runtime import machine
 
@@ -102,7 +103,7 @@ def test_a_later_run_reuses_the_stored_verdict(measured) -> None:
     again = check_rewrite(light, [light_out], heavy, [heavy_out], OPSETS)
     # Whatever the verdict (a loaded machine can turn "slower" into "same"), it is reused.
     assert len(measured) == 1
-    assert again == dataclasses.replace(first, stored=True) and not first.stored
+    assert again == dataclasses.replace(first, stored=True, attempts=0) and not first.stored
     assert len(list(timing_store.store_path().parent.glob("*.json"))) == 1
 
 
@@ -110,9 +111,9 @@ def test_the_first_stored_verdict_wins(tmp_path) -> None:
     """Two runs that measured the same structure at once both use the first one stored."""
     path = tmp_path / "t.json"
     one, other = timing_store.TimingStore(path), timing_store.TimingStore(path)
-    assert one.remember("k", (1.2, 9, "slower")) == (1.2, 9, "slower")
-    assert other.remember("k", (1.05, 9, "same")) == (1.2, 9, "slower")
-    assert timing_store.TimingStore(path).get("k") == (1.2, 9, "slower")
+    assert one.remember("k", (1.2, 9, "slower", 0.03)) == (1.2, 9, "slower", 0.03)
+    assert other.remember("k", (1.05, 9, "same", 0.02)) == (1.2, 9, "slower", 0.03)
+    assert timing_store.TimingStore(path).get("k") == (1.2, 9, "slower", 0.03)
 
 
 def test_a_broken_or_unwritable_store_is_ignored(tmp_path, caplog) -> None:
@@ -120,12 +121,12 @@ def test_a_broken_or_unwritable_store_is_ignored(tmp_path, caplog) -> None:
     broken.write_text("{not json")
     store = timing_store.TimingStore(broken)
     assert store.get("k") is None
-    assert store.remember("k", (0.9, 9, "same")) == (0.9, 9, "same")  # rewritten whole
-    assert timing_store.TimingStore(broken).get("k") == (0.9, 9, "same")
+    assert store.remember("k", (0.9, 9, "same", 0.01)) == (0.9, 9, "same", 0.01)  # rewritten
+    assert timing_store.TimingStore(broken).get("k") == (0.9, 9, "same", 0.01)
     blocked = tmp_path / "a-file"
     blocked.write_text("")
     store = timing_store.TimingStore(blocked / "kernel_timing" / "t.json")
-    assert store.remember("k", (0.9, 9, "same")) == (0.9, 9, "same")
+    assert store.remember("k", (0.9, 9, "same", 0.01)) == (0.9, 9, "same", 0.01)
     assert "not written" in caplog.text
 
 
@@ -481,3 +482,159 @@ def test_the_original_side_runs_without_the_ort_fusions_the_fusion_shadows(
     apply_pass(fusion(Target("cpu", time_kernels=True)), model_from_text(text))
     assert seen and set(seen) == {fusion.shadows}
     assert fusion.shadows  # each of these has an ORT counterpart
+
+
+# -- noisy measurements (issue 15): only a clean verdict decides or is stored ----------------
+
+RELU = """<ir_version: 9, opset_import: ["" : 17]>
+g (float[N, 8] x) => (float[N, 8] y) { y = Relu(x) }"""
+NOISY = np.random.default_rng(0).lognormal(0.0, 0.4, 21)  # rounds that disagree wildly
+QUIET_SAME = 1.0 + np.linspace(-0.01, 0.01, 21)
+QUIET_SLOWER = 1.5 + np.linspace(-0.01, 0.01, 21)
+NOISY_SLOWER = 2.0 * np.random.default_rng(1).lognormal(0.0, 0.3, 21)  # decisive anyway
+
+
+@pytest.fixture
+def rounds(monkeypatch, tmp_path) -> list:
+    """Injected noise: each real ``_measure`` takes its per-round fused/original ratios from
+    the list the test fills (one array per measurement, in order); the sessions are real.
+    An empty timing store of the test's own. The list is emptied as measurements are made."""
+    monkeypatch.setenv("OVO_CACHE_DIR", str(tmp_path))
+    script: list = []
+
+    def scripted(samplers, count, runs, done=None):
+        ratios = script.pop(0)
+        return [np.ones(len(ratios)), np.asarray(ratios, dtype=float)]
+
+    monkeypatch.setattr(kernel_timing, "interleaved_rounds", scripted)
+    return script
+
+
+def _relu_check(**options) -> KernelCheck:
+    _, nodes = _chain(RELU)
+    out = nodes[0].outputs[0]
+    return check_rewrite(nodes, [out], nodes, [out], OPSETS, **options)
+
+
+def _stored_entries() -> dict:
+    path = timing_store.store_path()
+    return timing_store.TimingStore(path).entries if path.exists() else {}
+
+
+def test_injected_rounds_are_what_the_tests_say() -> None:
+    """The premises: NOISY is a 'same' too noisy to trust, the others are clean."""
+    noisy = kernel_timing._stats(NOISY)
+    assert kernel_timing._verdict(NOISY) == "same" and noisy.noise >= kernel_timing.MARGIN
+    assert kernel_timing._stats(QUIET_SAME).noise < kernel_timing.MARGIN
+    assert kernel_timing._verdict(NOISY_SLOWER) == "slower"
+    assert kernel_timing._stats(NOISY_SLOWER).noise >= kernel_timing.MARGIN
+
+
+def test_a_noisy_same_is_remeasured_then_undecided_and_not_stored(rounds) -> None:
+    rounds.extend([NOISY] * kernel_timing.ATTEMPTS)
+    check = _relu_check()
+    assert not rounds, "measured ATTEMPTS times"
+    assert check.verdict == "undecided" and check.declined and not check.stored
+    assert check.attempts == kernel_timing.ATTEMPTS and check.noise >= kernel_timing.MARGIN
+    assert check.reason == "undecided: timing too noisy" and "too noisy" in check.describe()
+    assert _stored_entries() == {}, "an undecided verdict is not stored"
+    assert _relu_check().verdict == "undecided" and not rounds, "same structure, same run"
+    timing_store._stores.clear()  # a later run measures again
+    rounds.append(QUIET_SAME)
+    assert _relu_check().verdict == "same" and not rounds
+
+
+def test_a_noisy_attempt_then_a_clean_one_stores_the_clean_one(rounds) -> None:
+    rounds.extend([NOISY, QUIET_SAME])
+    check = _relu_check()
+    assert not rounds and (check.verdict, check.attempts) == ("same", 2)
+    assert check.noise < kernel_timing.MARGIN and not check.declined
+    (entry,) = _stored_entries().values()
+    assert entry[2:] == ["same", check.noise] and entry[0] == check.ratio
+
+
+def test_a_verdict_decisive_despite_noise_is_clean(rounds) -> None:
+    rounds.append(NOISY_SLOWER)
+    check = _relu_check()
+    assert (check.verdict, check.attempts) == ("slower", 1) and not rounds
+    assert check.noise >= kernel_timing.MARGIN and len(_stored_entries()) == 1
+
+
+def test_a_clean_verdict_is_stored_and_reused_without_measuring(rounds) -> None:
+    rounds.append(QUIET_SAME)
+    first = _relu_check()
+    timing_store._stores.clear()  # a new process
+    again = _relu_check()  # the script is empty: a measurement would fail
+    assert again == dataclasses.replace(first, stored=True, attempts=0)
+    assert first.attempts == 1 and again.noise == first.noise
+
+
+def test_retime_measures_again_and_replaces_the_stored_verdict(rounds) -> None:
+    rounds.append(QUIET_SAME)
+    assert _relu_check().verdict == "same"
+    timing_store._stores.clear()
+    rounds.append(QUIET_SLOWER)
+    retimed = _relu_check(retime=True)
+    assert not rounds and retimed.verdict == "slower"
+    assert (retimed.stored, retimed.attempts) == (False, 1)
+    again = _relu_check(retime=True)  # once per process, not once per site
+    assert again == dataclasses.replace(retimed, attempts=0)
+    timing_store._stores.clear()
+    later = _relu_check()
+    assert (later.verdict, later.stored) == ("slower", True)
+    (entry,) = _stored_entries().values()
+    assert entry[2] == "slower"
+
+
+def test_retime_that_is_undecided_keeps_the_stored_verdict_on_disk(rounds) -> None:
+    rounds.append(QUIET_SAME)
+    _relu_check()
+    timing_store._stores.clear()
+    rounds.extend([NOISY] * kernel_timing.ATTEMPTS)
+    assert _relu_check(retime=True).verdict == "undecided"
+    (entry,) = _stored_entries().values()
+    assert entry[2] == "same"
+
+
+def test_the_target_passes_retime_on(rounds) -> None:
+    rounds.append(QUIET_SAME)
+    _relu_check()
+    timing_store._stores.clear()
+    rounds.append(QUIET_SLOWER)
+    _, nodes = _chain(RELU)
+    out = nodes[0].outputs[0]
+    target = Target("cpu", time_kernels=True, retime=True)
+    assert not target.rewrite_pays(nodes, [out], nodes, [out]) and not rounds
+
+
+def test_an_undecided_fusion_is_left_unfused(rounds) -> None:
+    rounds.extend([NOISY] * kernel_timing.ATTEMPTS)
+    pass_ = FuseSkipLayerNorm(Target("cpu", time_kernels=True))
+    candidate, result = apply_pass(pass_, model_from_text(SKIP_LN))
+    assert not result.modified and pass_.declined == 1
+    assert op_list(candidate) == ["Add", "LayerNormalization"]
+    assert [c.verdict for c in pass_.target.kernel_checks] == ["undecided"]
+
+
+def test_the_report_explains_an_undecided_fusion() -> None:
+    noisy = dataclasses.replace(
+        _check("undecided", 1.02), noise=0.3, attempts=3, reason="undecided: timing too noisy"
+    )
+    (row,) = kernel_timing_rows([noisy, noisy])
+    assert (row["verdict"], row["noise"], row["attempts"], row["patterns"]) == (
+        "undecided",
+        0.3,
+        3,
+        2,
+    )
+    assert row["reason"] == "undecided: timing too noisy"
+    fusion = _row("skip_layernorm", 2, 0, "residual LayerNorms", slower=[noisy] * 2)
+    assert (fusion.declined, fusion.unexplained) == (2, 0)
+    assert "undecided: timing too noisy" in fusion.note
+
+
+def test_an_undecided_check_is_declined_in_the_fusion_rows() -> None:
+    target = Target("cpu", time_kernels=True)
+    target.kernel_checks.append(dataclasses.replace(_check("undecided", 1.0), noise=0.3))
+    ops = frozenset({"SkipLayerNormalization"})
+    assert fusion_report._declined(target, ops) == target.kernel_checks

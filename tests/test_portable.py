@@ -109,9 +109,10 @@ def test_timed_fusions_follow_their_measurements(tiny_bert: Path, tmp_path: Path
     assert "Attention" in measured or "MultiHeadAttention" in measured, measured
     ops = {op for domain, op in _ops(onnx.load(out)) if domain == "com.microsoft"}
     skip = measured["SkipLayerNormalization"]
-    assert ("SkipLayerNormalization" in ops) == (skip["verdict"] != "slower"), (skip, ops)
+    declined = skip["verdict"] in ("slower", "undecided")  # undecided: too noisy, kept unfused
+    assert ("SkipLayerNormalization" in ops) == (not declined), (skip, ops)
     rows = {row["fusion"]: row for row in report["fusions"]}
-    if skip["verdict"] == "slower":
+    if declined:
         assert rows["skip_layernorm"]["declined"] == rows["skip_layernorm"]["expected"]
         assert "left out on purpose" in rows["skip_layernorm"]["note"]
     assert not [w for w in report["warnings"] if w.startswith("fusion shortfall")]

@@ -24,6 +24,26 @@ attribute, shape inputs that random data breaks) is "unmeasured" and keeps the f
 before. Verdicts are kept per structure (op types, attributes, shapes, small constants) in
 this machine's timing store (``timing_store``): identical layers cost one measurement, and
 optimizing the same model again reuses the verdicts, so it writes the same file.
+
+Only a clean measurement decides, and only a clean one is stored. A measurement is clean
+when its noise (``ratio_stats``' ``noise``: the median's CI half-width or the block drift,
+whichever is larger) is below ``MARGIN``, or when its verdict is ``faster`` or ``slower``
+despite the noise: ``verdict`` says so only when the ratio is off 1 by more than both the
+margin and the noise, so the whole confidence interval lies beyond the margin on one side,
+and a quieter re-measurement would land there too (it narrows the interval, it does not move
+it across). What noise can turn is a ``same``: with noise at or above the margin the interval
+reaches past ``1 +- MARGIN``, so the fused kernel may well be slower (or faster) beyond the
+margin, and such a ``same`` once stuck in the store for every later run (issue 15: two runs
+started side by side decided differently). An unclean measurement is taken again, up to
+``ATTEMPTS`` in all: a burst of load from another job usually passes within a second or two,
+and more attempts on a machine that stays loaded only cost time (each is up to
+``MAX_ROUNDS`` rounds of at least ``MIN_SAMPLE_SECONDS`` per side, per distinct structure)
+without making the answer better. If none is clean the verdict is ``undecided``: the fusion
+is not applied at that site (the unfused form is kept, the way a ``slower`` one is), nothing
+is stored, and a later, quieter run measures again. Identical structures later in the same
+process get the same ``undecided`` without measuring (one decision per structure per run).
+``retime`` (the CLI's ``--retime``) ignores stored verdicts, measures each structure again
+(once per process) and replaces the stored verdict with the new one when it is clean.
 """
 
 from __future__ import annotations
@@ -52,6 +72,8 @@ MIN_SAMPLE_SECONDS = 0.01
 MIN_ROUNDS = 9
 MAX_ROUNDS = 21
 DECISIVE = 0.15  # stop early once every round is this far on one side of 1
+ATTEMPTS = 3  # measurements of one structure, in all, before it is called undecided
+UNDECIDED = "undecided: timing too noisy"
 
 
 @dataclass(frozen=True)
@@ -63,18 +85,27 @@ class KernelCheck:
     shape: str  # the largest input's concrete shape, e.g. "1x128x384"
     ratio: float | None  # median fused/original time; None when unmeasured
     rounds: int
-    verdict: str  # faster | same | slower | unmeasured
-    reason: str = ""  # why unmeasured
+    verdict: str  # faster | same | slower | undecided | unmeasured
+    reason: str = ""  # why unmeasured, or UNDECIDED
     stored: bool = False  # the verdict came from this machine's timing store, not measured now
+    noise: float | None = None  # ratio_stats' noise of the measurement the verdict rests on
+    attempts: int = 0  # measurements taken in this run (0: from the store, or unmeasured)
 
     @property
     def declined(self) -> bool:
-        """The fused form is measured slower: the fusion should not be applied."""
-        return self.verdict == "slower"
+        """The fusion should not be applied: the fused form is measured slower, or every
+        attempt was too noisy to tell (``undecided``: the unfused form is kept)."""
+        return self.verdict in ("slower", "undecided")
 
     def describe(self) -> str:
         if self.ratio is None:
             return f"{self.fused} vs {self.replaced}: unmeasured ({self.reason})"
+        if self.verdict == "undecided":
+            return (
+                f"{self.fused} vs {self.replaced} at {self.shape}: {UNDECIDED} "
+                f"(noise ±{self.noise:.2f} in each of {self.attempts} attempts, "
+                f"{self.ratio:.2f}x the time in the quietest)"
+            )
         source = ", from the timing store" if self.stored else ""
         return (
             f"{self.fused} vs {self.replaced} at {self.shape}: {self.ratio:.2f}x the time "
@@ -92,6 +123,7 @@ def check_rewrite(
     threads: int = 0,
     shapes: Mapping[int, tuple] | None = None,
     shadows: Sequence[str] = (),
+    retime: bool = False,
 ) -> KernelCheck:
     """Time ``after`` (the fused nodes) against ``before`` (the nodes they replace).
 
@@ -103,26 +135,30 @@ def check_rewrite(
     transformers that would build the fused op themselves (the fusion's ``shadows``); they
     are off for the original side: the question is whether the fused kernel beats the nodes
     it replaces as they run unfused (in a cut-out model with concrete shapes ORT would fuse
-    them itself, which it often cannot do in the real graph).
+    them itself, which it often cannot do in the real graph). ``retime``: measure again
+    instead of using a stored verdict, and store the new one when it is clean.
     """
     fused = ", ".join(_op_name(n) for n in after if n not in before)
     replaced = ", ".join(sorted({n.op_type for n in before if n not in after}))
     before, after = _with_shape_sources(before), _with_shape_sources(after)
-    outcome: tuple = (None, 0, "")
-    stored = False
+    outcome: tuple = (None, 0, "", None)
+    stored, attempts = False, 0
     for broadcast_ones in (False, True):
         original = _cut(before, before_outputs, opsets, broadcast_ones, shapes or {})
         candidate = _cut(after, after_outputs, opsets, broadcast_ones, shapes or {})
         for side in (original, candidate):
             if isinstance(side, str):
                 return KernelCheck(fused, replaced, "", None, 0, "unmeasured", side)
-        outcome, stored = _remembered(original, candidate, threads, shadows)
+        outcome, stored, attempts = _remembered(original, candidate, threads, shadows, retime)
         if outcome[0] is not None:
             break
-    ratio, rounds, verdict = outcome
+    ratio, rounds, verdict, noise = outcome
     if ratio is None:
         return KernelCheck(fused, replaced, candidate.shape, None, 0, "unmeasured", verdict)
-    return KernelCheck(fused, replaced, candidate.shape, ratio, rounds, verdict, stored=stored)
+    reason = UNDECIDED if verdict == "undecided" else ""
+    return KernelCheck(
+        fused, replaced, candidate.shape, ratio, rounds, verdict, reason, stored, noise, attempts
+    )
 
 
 def _op_name(node: ir.Node) -> str:
@@ -463,26 +499,67 @@ def _random(dtype: ir.DataType | None, shape: list[int], rng: np.random.Generato
 
 
 def _remembered(
-    original: _Cut, candidate: _Cut, threads: int, shadows: Sequence[str]
-) -> tuple[tuple, bool]:
-    """(``_measure``'s answer, whether it came from the store): this machine's timing store
-    answers when it holds the same structures (``timing_store``: the same model optimized
-    twice gets the same verdicts). Only measured verdicts are kept; an unmeasured cut is
-    tried again next time."""
+    original: _Cut, candidate: _Cut, threads: int, shadows: Sequence[str], retime: bool = False
+) -> tuple[tuple, bool, int]:
+    """((ratio, rounds, verdict, noise), whether it came from the store, attempts made): this
+    machine's timing store answers when it holds the same structures (``timing_store``: the
+    same model optimized twice gets the same verdicts), unless ``retime`` and this process
+    has not measured them yet. Otherwise ``_clean_measurement``; only a clean verdict is
+    stored (with ``retime`` replacing the stored one). An unmeasured cut is tried again next
+    time, an undecided one in the next process."""
     store = timing_store.open_store()
     entry_key = timing_store.key(original.signature, candidate.signature, threads)
+    if entry_key in store.undecided:
+        return store.undecided[entry_key], False, 0
     known = store.get(entry_key)
-    if known is not None:
-        return known, entry_key not in store.measured_here
-    outcome = _measure(original, candidate, threads, shadows)
+    if known is not None and not (retime and entry_key not in store.measured_here):
+        return known, entry_key not in store.measured_here, 0
+    outcome, attempts = _clean_measurement(original, candidate, threads, shadows)
     if outcome[0] is None:
-        return outcome, False
-    kept = store.remember(entry_key, outcome)
-    return kept, kept != outcome
+        return outcome, False, attempts
+    if outcome[2] == "undecided":
+        store.undecided[entry_key] = outcome
+        return outcome, False, attempts
+    kept = store.remember(entry_key, outcome, replace=retime)
+    return kept, kept != outcome, attempts
+
+
+def _clean_measurement(
+    original: _Cut, candidate: _Cut, threads: int, shadows: Sequence[str]
+) -> tuple[tuple, int]:
+    """(the first clean measurement, attempts), or (the quietest one with the verdict
+    ``undecided``, ``ATTEMPTS``) when none of them is clean (see the module doc)."""
+    quietest = None
+    for attempt in range(1, ATTEMPTS + 1):
+        outcome = _outcome(_measure(original, candidate, threads, shadows))
+        ratio, _, verdict, noise = outcome
+        if ratio is None or _clean(verdict, noise):
+            return outcome, attempt
+        logger.info(
+            "kernel timing: attempt %d of %d too noisy (%.2fx ±%.2f, %s)",
+            attempt, ATTEMPTS, ratio, noise, verdict,
+        )  # fmt: skip
+        if quietest is None or noise < quietest[3]:
+            quietest = outcome
+    return (*quietest[:2], "undecided", quietest[3]), ATTEMPTS
+
+
+def _clean(verdict: str, noise: float) -> bool:
+    """Noise below the margin, or a verdict decisive despite it (the module doc says why)."""
+    return noise < MARGIN or verdict in ("faster", "slower")
+
+
+def _outcome(measured: tuple) -> tuple:
+    """``_measure``'s answer as (ratio, rounds, verdict, noise); a 3-tuple (the fakes of
+    tests that decide by op type) is a measurement without noise."""
+    if len(measured) == 3:
+        ratio, rounds, verdict = measured
+        return ratio, rounds, verdict, None if ratio is None else 0.0
+    return tuple(measured)
 
 
 def _measure(original: _Cut, candidate: _Cut, threads: int, shadows: Sequence[str]):
-    """(median ratio, rounds, verdict) or (None, 0, reason)."""
+    """(median ratio, rounds, verdict, noise) or (None, 0, reason, None)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -500,12 +577,13 @@ def _measure(original: _Cut, candidate: _Cut, threads: int, shadows: Sequence[st
             single = min(_seconds(session, feeds, 1) for _ in range(3))
             sessions.append((session, feeds, single))
     except Exception as exc:  # noqa: BLE001 - guessed shapes or data the nodes reject
-        return None, 0, f"cannot run: {str(exc).splitlines()[0][:160]}"
+        return None, 0, f"cannot run: {str(exc).splitlines()[0][:160]}", None
     runs = runs_per_sample(min(single for *_, single in sessions), MIN_SAMPLE_SECONDS)
     samplers = [lambda n, s=session, f=feeds: _seconds(s, f, n) for session, feeds, _ in sessions]
     original_times, fused_times = interleaved_rounds(samplers, MAX_ROUNDS, runs, done=_decisive)
     ratios = np.asarray(fused_times) / np.asarray(original_times)
-    return float(np.median(ratios)), len(ratios), _verdict(ratios)
+    stats = _stats(ratios)
+    return float(np.median(ratios)), len(ratios), verdict(stats, MARGIN), stats.noise
 
 
 def _seconds(session, feeds: dict, runs: int) -> float:
@@ -527,5 +605,9 @@ def _decisive(samples: list[list[float]]) -> bool:
 def _verdict(ratios: Sequence[float]) -> str:
     """The project's one noise rule (``runtime.timing``) with this module's margin: slower
     or faster only when the median ratio is off 1 by more than ``MARGIN`` and the noise."""
-    stats = ratio_stats(np.ones(len(ratios)), np.asarray(ratios, dtype=float))
-    return verdict(stats, MARGIN)
+    return verdict(_stats(ratios), MARGIN)
+
+
+def _stats(ratios: Sequence[float]):
+    """``ratio_stats`` of per-round fused/original ratios."""
+    return ratio_stats(np.ones(len(ratios)), np.asarray(ratios, dtype=float))

@@ -56,6 +56,9 @@ class Target:
     # that is the provider this machine has. Off by default so that unit tests of a
     # fusion's pattern do not depend on timing; the pipeline turns it on.
     time_kernels: bool = False
+    # With ``time_kernels``: measure again instead of using this machine's stored verdicts,
+    # and replace them with the new clean ones (the CLI's ``--retime``).
+    retime: bool = False
     # Every measurement this target made, in order, for the report (shared by the passes
     # of one run; not part of the target's identity).
     kernel_checks: list = field(default_factory=list, compare=False, hash=False, repr=False)
@@ -106,7 +109,8 @@ class Target:
     ) -> bool:
         """Whether to apply a rewrite of ``before`` into ``after`` (the fused nodes).
 
-        False only when the target is measured and the fused nodes are slower beyond noise.
+        False only when the target is measured and the fused nodes are slower beyond noise,
+        or too noisy to tell (``undecided``: the unfused form is kept).
         """
         check = self.measure_rewrite(before, before_outputs, after, after_outputs, shapes, shadows)
         return check is None or not check.declined
@@ -137,7 +141,14 @@ class Target:
             opsets.setdefault(node.domain, 1)
         opsets.setdefault("", 17)
         check = check_rewrite(
-            before, before_outputs, after, after_outputs, opsets, shapes=shapes, shadows=shadows
+            before,
+            before_outputs,
+            after,
+            after_outputs,
+            opsets,
+            shapes=shapes,
+            shadows=shadows,
+            retime=self.retime,
         )
         pattern = (check.fused, tuple(v.name for node in before for v in node.outputs))
         if pattern not in self._checked:

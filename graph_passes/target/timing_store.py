@@ -13,6 +13,12 @@ a verdict from another CPU or ORT build says nothing here. The root is ``$OVO_CA
 ``kernel_timing/<identity hash>.json``; delete it to measure again. A cache that cannot be
 read or written is treated as empty (a warning in the log), never an error: the verdicts are
 then measured as before.
+
+Only clean verdicts are stored (``kernel_timing``: noise below the margin, or a verdict
+decisive despite it), each with its noise: a verdict measured on a loaded machine would
+otherwise stick for every later run. ``--retime`` replaces a stored verdict with a new clean
+one (``remember(..., replace=True)``). Format 1 stored every verdict, noisy or not, so its
+files are ignored.
 """
 
 from __future__ import annotations
@@ -34,9 +40,11 @@ except ImportError:  # Windows
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when what a verdict means changes (cut sizes, margin): old files are ignored
+FORMAT = 2  # bump when what a verdict means changes (cut sizes, margin): old files are ignored
+# 2: only clean verdicts (noise below the margin, or decisive), stored with their noise
 
-Verdict = tuple[float, int, str]  # (median ratio, rounds, verdict), as kernel_timing measures
+# (median ratio, rounds, verdict, noise), as kernel_timing measures
+Verdict = tuple[float, int, str, float]
 
 
 def machine_identity() -> dict[str, str]:
@@ -75,29 +83,37 @@ class TimingStore:
         self.path = path
         self.entries: dict[str, list] = self._read()
         self.measured_here: set[str] = set()  # keys whose verdict this process measured
+        # keys this process measured too noisy to decide (never written): identical
+        # structures later in the run get the same answer instead of measuring again
+        self.undecided: dict[str, tuple] = {}
 
     def get(self, entry_key: str) -> Verdict | None:
         entry = self.entries.get(entry_key)
-        if not (isinstance(entry, list) and len(entry) == 3):
+        if not (isinstance(entry, list) and len(entry) == 4):
             return None
-        ratio, rounds, verdict = entry
-        return float(ratio), int(rounds), str(verdict)
+        ratio, rounds, verdict, noise = entry
+        return float(ratio), int(rounds), str(verdict), float(noise)
 
-    def remember(self, entry_key: str, verdict: Verdict) -> Verdict:
+    def remember(self, entry_key: str, verdict: Verdict, *, replace: bool = False) -> Verdict:
         """Keep ``verdict`` unless another run stored one for this key first, and return the
         one kept: a run that measured at the same time as another then uses the other's
-        verdict, so both write the same model. The file is merged and replaced under a lock
-        (temp file + rename: a reader never sees half a file)."""
+        verdict, so both write the same model. ``replace`` (``--retime``): this verdict
+        replaces a stored one. The file is merged and replaced under a lock (temp file +
+        rename: a reader never sees half a file)."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with _locked(self.path.with_suffix(".lock")):
                 self.entries = self.entries | self._read()  # on disk first: it was first
+                if replace:
+                    self.entries[entry_key] = list(verdict)
                 self.entries.setdefault(entry_key, list(verdict))
                 document = {"machine": machine_identity(), "verdicts": self.entries}
                 text = json.dumps(document, indent=0, sort_keys=True)
                 write_text_atomic(self.path, text, prefix=".tmp-timing-")
         except OSError as exc:
             logger.warning("kernel timing cache %s not written: %s", self.path, exc)
+            if replace:
+                self.entries[entry_key] = list(verdict)
             self.entries.setdefault(entry_key, list(verdict))
         kept = self.get(entry_key) or verdict
         if kept == verdict:
