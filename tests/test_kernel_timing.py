@@ -87,11 +87,14 @@ def measured(monkeypatch, tmp_path) -> list:
 
 
 def test_same_structure_is_measured_once(measured) -> None:
-    checks = []
+    checks, calls = [], []
     for _ in range(2):  # fresh weights each time: the key is the structure
         heavy, heavy_out, light, light_out = _heavy_and_light(width=64)
         checks.append(check_rewrite(light, [light_out], heavy, [heavy_out], OPSETS))
-    assert len(measured) == 1
+        calls.append(len(measured))
+    # The first check measures (more than one attempt when the machine is noisy); the second
+    # answers from what the first decided.
+    assert calls[0] >= 1 and calls[1] == calls[0] and checks[1].attempts == 0
     assert not any(c.stored for c in checks), "measured in this run, not from an earlier one"
 
 
@@ -99,10 +102,11 @@ def test_a_later_run_reuses_the_stored_verdict(measured) -> None:
     """A new process (a fresh store object) on the same machine answers from the file."""
     heavy, heavy_out, light, light_out = _heavy_and_light(width=64)
     first = check_rewrite(light, [light_out], heavy, [heavy_out], OPSETS)
+    calls = len(measured)  # one, or more attempts when the machine is noisy
     timing_store._stores.clear()
     again = check_rewrite(light, [light_out], heavy, [heavy_out], OPSETS)
     # Whatever the verdict (a loaded machine can turn "slower" into "same"), it is reused.
-    assert len(measured) == 1
+    assert len(measured) == calls
     assert again == dataclasses.replace(first, stored=True, attempts=0) and not first.stored
     assert len(list(timing_store.store_path().parent.glob("*.json"))) == 1
 
