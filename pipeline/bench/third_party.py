@@ -960,6 +960,7 @@ def _peer_summary(row: dict) -> dict:
 
 def run_folder(folder: Path, args: argparse.Namespace) -> list[dict]:
     manifest = json.loads((folder / "manifest.json").read_text())
+    args.manifest_models = [m["name"] for m in manifest["models"]]
     only = {n for n in (args.only or "").split(",") if n}
     results: list[dict] = []
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="third_party-"))
@@ -1023,13 +1024,33 @@ def run_folder(folder: Path, args: argparse.Namespace) -> list[dict]:
     return results
 
 
-def save_json(path: Path, results: list[dict], args: argparse.Namespace) -> None:
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni")
+
+
+def cpu_flags() -> str:
+    """The SIMD flags that decide ONNX Runtime's kernels, as lscpu lists them."""
+    from pipeline.runtime import machine as machine_info
+
+    flags = machine_info.cpu().flags
+    return " ".join(f for f in SIMD_FLAGS if f in flags) or "none of " + " ".join(SIMD_FLAGS)
+
+
+def machine_facts() -> dict:
     from pipeline.bench.peers import machine
 
+    return {
+        **machine(),
+        "cpu_flags": cpu_flags(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def save_json(path: Path, results: list[dict], args: argparse.Namespace) -> None:
     payload = {
         "schema_version": SCHEMA_VERSION,
         "command": getattr(args, "command_line", ""),
-        "machine": {**machine(), "date": datetime.date.today().isoformat()},
+        "machine": machine_facts(),
+        "manifest_models": getattr(args, "manifest_models", []),
         "results": results,
     }
     path.write_text(json.dumps(payload, indent=2, default=str))
@@ -1127,12 +1148,21 @@ def format_section(payload: dict) -> str:
         for tool, p in (r.get("peers") or {}).items()
         if p.get("status") != "ok" or p.get("parity_error")
     ]
+    pending = [
+        n for n in payload.get("manifest_models", []) if n not in {r["name"] for r in results}
+    ]
+    total = len(results) + len(pending)
     parts = [
-        f"Measured {info['date']} on {info['cpu']} ({info['cores']} cores, {info['machine']}), "
-        f"{versions}. {info.get('cpu_flags', '')}".rstrip(),
+        f"Measured {info['date']} on {info['cpu']} ({info['cores']} cores, {info['machine']}; "
+        f"SIMD flags: {info.get('cpu_flags') or cpu_flags()}), {versions}.",
         "",
-        f"**{good} of {len(results)} models exit 0 with parity** ({len(packages)} packages: "
-        f"{', '.join(packages)}).",
+        f"**{good} of {len(results)} models run exit 0 with parity** ({len(packages)} packages: "
+        f"{', '.join(packages)})"
+        + (
+            f"; {len(pending)} of the folder's {total} models not run yet: {', '.join(pending)}."
+            if pending
+            else "."
+        ),
         "",
         "Ours: `optimize.py MODEL -o OUT --report R.json -q`, no input data (the optimizer "
         "generates its inputs); nodes, sizes, parity, latency ratio (optimized / original, "
@@ -1200,6 +1230,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write the results here (after every model)")
     parser.add_argument("--resume", action="store_true", help="keep the rows --json has")
     parser.add_argument("--from-json", type=Path, help="render a saved --json run")
+    parser.add_argument(
+        "--manifest", type=Path, help="with --from-json: the folder's manifest (lists unrun models)"
+    )
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
@@ -1230,11 +1263,9 @@ def main(argv: list[str] | None = None) -> int:
             save_json(args.json, results, args)
         payload = json.loads(args.json.read_text()) if args.json else None
         if payload is None:
-            from pipeline.bench.peers import machine
-
             payload = {
                 "command": args.command_line,
-                "machine": {**machine(), "date": datetime.date.today().isoformat()},
+                "machine": machine_facts(),
                 "results": results,
             }
         print(format_section(payload))
@@ -1244,6 +1275,9 @@ def main(argv: list[str] | None = None) -> int:
             write_section(args.doc, SECTION, format_section(payload), HEADING)
     if args.from_json:
         payload = json.loads(args.from_json.read_text())
+        if args.manifest:
+            manifest = json.loads(args.manifest.read_text())
+            payload["manifest_models"] = [m["name"] for m in manifest["models"]]
         text = format_section(payload)
         print(text)
         if args.write:
