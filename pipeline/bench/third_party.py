@@ -911,13 +911,49 @@ def run_ours(model: Path, out_dir: Path, timeout: float) -> dict:
     return row
 
 
-def run_peers(model: Path, workdir: Path, tools: list[str], timeout: float) -> dict:
-    """onnxsim / onnxslim through pipeline.bench.peers: generated input sets, each tool in a
-    subprocess, its output's nodes and parity; plus the same evaluation of our output."""
+def input_plan(report: Path) -> str | None:
+    """The input plan our run verified with when the default generated sizes failed (the
+    report's ``inputs.search``), else None."""
+    if not report.is_file():
+        return None
+    search = (json.loads(report.read_text()).get("inputs") or {}).get("search") or []
+    done = [a["plan"] for a in search if a.get("error") is None]
+    return done[-1] if done else None
+
+
+def plan_sets(model: Path, plan: str) -> list[dict]:
+    """The input sets ``plan`` makes (the same generator, seed and plan as our run)."""
+    import onnx_ir as ir
+
+    from pipeline import run as run_mod
+    from pipeline.runtime import inputs as inputs_mod
+
+    loaded = ir.load(model)
+    if plan == "every dynamic dimension at 1":
+        return [inputs_mod.minimal_input_set(loaded, None, seed=0)]
+    kwargs = dict(run_mod._INPUT_PLANS)[plan]
+    return inputs_mod.generate_input_sets(loaded, None, seed=0, **kwargs)
+
+
+def run_peers(
+    model: Path, workdir: Path, tools: list[str], timeout: float, plan: str | None = None
+) -> dict:
+    """onnxsim / onnxslim through pipeline.bench.peers: generated input sets (those of our
+    run's input plan when the default sizes did not run), each tool in a subprocess, its
+    output's nodes and parity; plus the same evaluation of our output."""
+    import numpy as np
+
     from pipeline.bench import peers
 
     args = argparse.Namespace(timeout=timeout, threads=1, repeats=0, keep_outputs=False)
     case = peers.prepare_model(model, workdir)
+    if plan:
+        for old in case.inputs_dir.glob("set*.npz"):
+            old.unlink()
+        shutil.rmtree(case.folder / "reference", ignore_errors=True)
+        for index, feeds in enumerate(plan_sets(model, plan)):
+            np.savez(case.inputs_dir / f"set{index}.npz", **feeds)
+        case.inputs_source = f"generated with our run's input plan: {plan}"
     rows = {tool: peers.run_tool(case, tool, args) for tool in tools}
     return {"nodes_before": case.nodes, "inputs": case.inputs_source, "rows": rows, "case": case}
 
@@ -958,10 +994,35 @@ def _peer_summary(row: dict) -> dict:
     }
 
 
+def _peers_into(row: dict, model: Path, workdir: Path, args: argparse.Namespace) -> None:
+    """Run the peers on ``model`` and evaluate our output the same way, into ``row``."""
+    tools = [t for t in args.tools.split(",") if t]
+    if not tools:
+        return
+    row.pop("peers_error", None)
+    try:
+        peer = run_peers(
+            model, workdir / row["name"], tools, args.timeout, row["ours"].get("input_plan")
+        )
+        row["peers"] = {t: _peer_summary(r) for t, r in peer["rows"].items()}
+        row["inputs"] = peer["inputs"]
+        if row["ours"].get("output"):
+            evaluation = evaluate_ours(peer["case"], Path(row["ours"]["output"]), args.timeout)
+            parity = evaluation.get("parity") or {}
+            row["ours"]["peer_eval"] = {
+                "nodes_after": evaluation.get("nodes_after"),
+                "max_abs_diff": parity.get("max_abs_diff"),
+                "error": evaluation.get("error") or parity.get("error"),
+            }
+    except Exception as exc:  # noqa: BLE001 - a model the peers' harness cannot load
+        row["peers_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
 def run_folder(folder: Path, args: argparse.Namespace) -> list[dict]:
     manifest = json.loads((folder / "manifest.json").read_text())
     args.manifest_models = [m["name"] for m in manifest["models"]]
     only = {n for n in (args.only or "").split(",") if n}
+    redo = {n for n in (args.redo_peers or "").split(",") if n}
     results: list[dict] = []
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="third_party-"))
     previous = {}
@@ -970,8 +1031,17 @@ def run_folder(folder: Path, args: argparse.Namespace) -> list[dict]:
     for entry in manifest["models"]:
         if only and entry["name"] not in only:
             continue
-        if entry["name"] in previous:
+        if entry["name"] in previous and entry["name"] not in redo:
             results.append(previous[entry["name"]])
+            continue
+        if entry["name"] in previous:  # --redo-peers: ours kept, the peers run again
+            row = previous[entry["name"]]
+            report = workdir / entry["name"] / "ours" / "ours.json"
+            row["ours"]["input_plan"] = input_plan(report)
+            _peers_into(row, folder / entry["file"], workdir, args)
+            results.append(row)
+            if args.json:
+                save_json(args.json, results, args)
             continue
         model = folder / entry["file"]
         logger.info("%s: ours ...", entry["name"])
@@ -986,26 +1056,8 @@ def run_folder(folder: Path, args: argparse.Namespace) -> list[dict]:
             "nodes_before": entry["nodes"],
         }
         row["ours"] = run_ours(model, workdir / entry["name"] / "ours", args.timeout)
-        tools = [t for t in args.tools.split(",") if t]
-        if tools:
-            try:
-                peer = run_peers(model, workdir / entry["name"], tools, args.timeout)
-                row["peers"] = {t: _peer_summary(r) for t, r in peer["rows"].items()}
-                row["inputs"] = peer["inputs"]
-                if row["ours"].get("output"):
-                    evaluation = evaluate_ours(
-                        peer["case"], Path(row["ours"]["output"]), args.timeout
-                    )
-                    parity = evaluation.get("parity") or {}
-                    row["ours"]["peer_eval"] = {
-                        "nodes_after": evaluation.get("nodes_after"),
-                        "max_abs_diff": parity.get("max_abs_diff"),
-                        "error": evaluation.get("error") or parity.get("error"),
-                    }
-            except Exception as exc:  # noqa: BLE001 - a model the peers' harness cannot load
-                row["peers_error"] = (
-                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                )
+        row["ours"]["input_plan"] = input_plan(workdir / entry["name"] / "ours" / "ours.json")
+        _peers_into(row, model, workdir, args)
         row["seconds_all"] = round(time.perf_counter() - start, 1)
         ours = row["ours"]
         logger.info(
@@ -1078,7 +1130,15 @@ def _peer_cell(peer: dict | None) -> str:
     if peer.get("parity_error"):
         return _cell(f"{nodes}, parity: {peer['parity_error']}", 90)
     diff = peer.get("max_abs_diff")
-    return f"{nodes} (Δ {diff:.2g})" if isinstance(diff, (int, float)) else f"{nodes}"
+    if isinstance(diff, (int, float)):
+        return f"{nodes} (Δ {diff:.2g})"
+    return f"{nodes} (Δ not measured)" if peer.get("error") else f"{nodes}"
+
+
+def _ours_delta(ours: dict) -> str:
+    """Our output's max abs difference on the peers' input sets, as theirs is shown."""
+    diff = (ours.get("peer_eval") or {}).get("max_abs_diff")
+    return f" (Δ {diff:.2g})" if isinstance(diff, (int, float)) else ""
 
 
 def ours_ok(row: dict) -> bool:
@@ -1120,7 +1180,7 @@ def format_table(results: list[dict]) -> str:
                     f"{row['name']}{flow}",
                     f"{row['package']} {row['version']}",
                     row["category"],
-                    f"{row['nodes_before']} → {after}",
+                    f"{row['nodes_before']} → {after}{_ours_delta(ours)}",
                     _peer_cell(peers.get("onnxsim")),
                     _peer_cell(peers.get("onnxslim")),
                     size,
@@ -1146,7 +1206,7 @@ def format_section(payload: dict) -> str:
         (r["name"], tool, p)
         for r in results
         for tool, p in (r.get("peers") or {}).items()
-        if p.get("status") != "ok" or p.get("parity_error")
+        if p.get("status") != "ok" or p.get("parity_error") or p.get("error")
     ]
     pending = [
         n for n in payload.get("manifest_models", []) if n not in {r["name"] for r in results}
@@ -1229,6 +1289,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, help="keep work files here (default: temp)")
     parser.add_argument("--json", type=Path, help="write the results here (after every model)")
     parser.add_argument("--resume", action="store_true", help="keep the rows --json has")
+    parser.add_argument(
+        "--redo-peers", help="with --resume: run the peers again on these models (ours kept)"
+    )
     parser.add_argument("--from-json", type=Path, help="render a saved --json run")
     parser.add_argument(
         "--manifest", type=Path, help="with --from-json: the folder's manifest (lists unrun models)"
