@@ -255,10 +255,10 @@ def test_section_summary_and_failures():
         "results": [row, bad],
     }
     text = tp.format_section(payload)
-    assert "**1 of 2 models run exit 0 with parity**" in text
+    assert "**1 of 2 models exit 0 with parity**" in text
     assert "| m (If) | p 1 | ocr | 5 → 3 | 4 (Δ 0) | failed: ValueError: boom |" in text
     assert "- n: exit 2: cannot run on any input: x" in text
-    assert "- m: onnxslim: ValueError: boom" in text
+    assert "- m: onnxslim: failed: ValueError: boom" in text
 
 
 FOLDER = Path(os.environ.get("THIRD_PARTY_MODELS", "/work/scratch/thirdparty"))

@@ -1141,6 +1141,11 @@ def _ours_delta(ours: dict) -> str:
     return f" (Δ {diff:.2g})" if isinstance(diff, (int, float)) else ""
 
 
+def _grew(sizes: list) -> bool:
+    """More than 5 % larger after than before (sizes: [before, after], after None on failure)."""
+    return len(sizes) > 1 and all(isinstance(x, int) for x in sizes) and sizes[1] > 1.05 * sizes[0]
+
+
 def ours_ok(row: dict) -> bool:
     ours = row["ours"]
     return ours.get("exit") == 0 and ours.get("parity") is True
@@ -1155,9 +1160,13 @@ def format_table(results: list[dict]) -> str:
     for row in results:
         ours = row["ours"]
         nodes = ours.get("nodes") or []
-        after = nodes[1] if len(nodes) > 1 else ""
+        after = nodes[1] if len(nodes) > 1 and nodes[1] is not None else "—"
         sizes = ours.get("sizes") or []
-        size = f"{_mb(sizes[0])} → {_mb(sizes[1])}" if len(sizes) > 1 else _mb(row["size_bytes"])
+        size = (
+            f"{_mb(sizes[0])} → {_mb(sizes[1]) or '—'}"
+            if len(sizes) > 1
+            else _mb(row["size_bytes"])
+        )
         if ours.get("parity") is True:
             parity = "pass"
         elif ours.get("parity") is False:
@@ -1173,6 +1182,9 @@ def format_table(results: list[dict]) -> str:
         seconds = f"{ours['seconds']:.1f}" if isinstance(ours.get("seconds"), (int, float)) else ""
         flow = f" ({', '.join(row['control_flow'])})" if row.get("control_flow") else ""
         peers = row.get("peers") or {}
+        if row.get("peers_error"):
+            harness = {"status": "not run", "error": f"peers harness: {row['peers_error']}"}
+            peers = {"onnxsim": harness, "onnxslim": harness}
         lines.append(
             "| "
             + " | ".join(
@@ -1216,7 +1228,7 @@ def format_section(payload: dict) -> str:
         f"Measured {info['date']} on {info['cpu']} ({info['cores']} cores, {info['machine']}; "
         f"SIMD flags: {info.get('cpu_flags') or cpu_flags()}), {versions}.",
         "",
-        f"**{good} of {len(results)} models run exit 0 with parity** ({len(packages)} packages: "
+        f"**{good} of {len(results)} models exit 0 with parity** ({len(packages)} packages: "
         f"{', '.join(packages)})"
         + (
             f"; {len(pending)} of the folder's {total} models not run yet: {', '.join(pending)}."
@@ -1245,12 +1257,7 @@ def format_section(payload: dict) -> str:
             for r in failures
         ]
         parts.append("")
-    blowups = [
-        r
-        for r in results
-        if len(r["ours"].get("sizes") or []) > 1
-        and r["ours"]["sizes"][1] > 1.05 * r["ours"]["sizes"][0]
-    ]
+    blowups = [r for r in results if _grew(r["ours"].get("sizes") or [])]
     if blowups:
         parts += ["Size grew by more than 5 %:", ""]
         parts += [
@@ -1258,12 +1265,20 @@ def format_section(payload: dict) -> str:
             for r in blowups
         ]
         parts.append("")
-    if peer_failures:
-        parts += ["Peer failures:", ""]
+    harness = [r for r in results if r.get("peers_error")]
+    if peer_failures or harness:
         parts += [
-            f"- {name}: {tool}: {_cell(p.get('error') or p.get('parity_error'), 300)}"
+            "Peer failures (`failed`: the tool raised; `ok, not evaluated`: it wrote a model but "
+            "the original itself does not run on these generated inputs, or its output does "
+            "not match):",
+            "",
+        ]
+        parts += [
+            f"- {name}: {tool}: {'failed' if p.get('status') != 'ok' else 'ok, not evaluated'}: "
+            f"{_cell(p.get('error') or p.get('parity_error'), 300)}"
             for name, tool, p in peer_failures
         ]
+        parts += [f"- {r['name']}: peers harness: {_cell(r['peers_error'], 300)}" for r in harness]
         parts.append("")
     return "\n".join(parts)
 
