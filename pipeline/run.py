@@ -123,9 +123,15 @@ def _check_paths(options: RunOptions) -> None:
 
 # When the model fails on the generated inputs, these are tried in turn (each a change to
 # how ``inputs.generate_input_sets`` sizes things), then every dynamic dimension at 1.
+# The last plans: batch 1, every dim at 1 but one grown to GROWN_SIZE (512: a 32 ms audio
+# frame at 16 kHz, longer than the reflect pads and STFT windows of speech front ends), for
+# at most MAX_GROWN_DIMS dims in turn.
+GROWN_SIZE = 512
+MAX_GROWN_DIMS = 4
 _INPUT_PLANS = (
     ("longer non-batch dynamic dimensions (x4)", {"scale": 4}),
     ("longer non-batch dynamic dimensions (x16)", {"scale": 16}),
+    ("longer non-batch dynamic dimensions (x64)", {"scale": 64}),
     ("the attention mask spanning past + new tokens", {"mask_spans_past": True}),
 )
 
@@ -177,6 +183,18 @@ def _search_inputs(model, options, report, session, first_sets, first_error):
             lambda: [inputs_mod.minimal_input_set(model, options.input_shapes, seed=options.seed)],
         )
     )
+    symbols = inputs_mod.growable_symbols(model, options.input_shapes)[:MAX_GROWN_DIMS]
+    plans += [
+        (
+            f"every dynamic dimension at 1 but {inputs_mod.symbol_text(symbol)} at {GROWN_SIZE}",
+            lambda symbol=symbol: [
+                inputs_mod.minimal_input_set(
+                    model, options.input_shapes, seed=options.seed, grow=(symbol, GROWN_SIZE)
+                )
+            ],
+        )
+        for symbol in symbols
+    ]
     for text, make in plans:
         sets = make()
         try:

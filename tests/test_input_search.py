@@ -132,3 +132,65 @@ def test_no_runnable_inputs_exit_2_with_the_node_and_exact_options(tmp_path):
     done, report = _optimize(path, tmp_path, "--input-shape", "x=7,11")
     assert done.returncode == 0, done.stderr
     assert np.prod(report["inputs"]["sets"][0]["x"]["shape"]) == 77
+
+
+def _speech_front_end(tmp_path: Path) -> Path:
+    """What silero VAD does: a sample rate compared with 16000 picks the ``If`` branch (the
+    other one fails on any input), the batch axis is squeezed (batch 1 only), and a reflect
+    pad of 200 needs more than 200 samples: no plan but batch 1 with a long sample axis and
+    sr = 16000 runs."""
+    pads = helper.make_tensor("pads", TensorProto.INT64, [2], [200, 200])
+    huge = helper.make_tensor("huge", TensorProto.INT64, [2], [100000, 100000])
+    rate = helper.make_tensor("rate", TensorProto.INT64, [], [16000])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [0])
+    out = helper.make_tensor_value_info
+    branch = {
+        name: helper.make_graph(
+            [helper.make_node("Pad", ["s", amount], [f"{name}_y"], mode="reflect")],
+            name,
+            [],
+            [out(f"{name}_y", TensorProto.FLOAT, [None])],
+        )
+        for name, amount in (("then", "pads"), ("otherwise", "huge"))
+    }
+    return _save(
+        tmp_path,
+        [
+            helper.make_node("Equal", ["sr", "rate"], ["is16k"]),
+            helper.make_node("Squeeze", ["x", "axes"], ["s"]),
+            helper.make_node(
+                "If", ["is16k"], ["y"], then_branch=branch["then"], else_branch=branch["otherwise"]
+            ),
+        ],
+        [
+            out("x", TensorProto.FLOAT, [None, None]),
+            out("sr", TensorProto.INT64, []),
+        ],
+        [out("y", TensorProto.FLOAT, [None])],
+        [pads, huge, rate, axes],
+    )
+
+
+def test_a_compared_scalar_gets_the_constant_and_one_axis_grows(tmp_path):
+    model = ir.from_proto(onnx.load(_speech_front_end(tmp_path)))
+    assert [s["sr"].item() for s in inputs.generate_input_sets(model)] == [16000, 16000]
+    done, report = _optimize(_speech_front_end(tmp_path), tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    last = report["inputs"]["search"][-1]
+    assert last["error"] is None, report["inputs"]["search"]
+    assert last["plan"] == "every dynamic dimension at 1 but axis 1 of the rank-2 inputs at 512"
+    assert last["shapes"] == {"x": [1, 512], "sr": []}
+    assert report["parity"]["passed"]
+
+
+def test_a_mask_compared_with_zero_is_not_all_zeros(tmp_path):
+    zero = helper.make_tensor("zero", TensorProto.INT64, [], [0])
+    path = _save(
+        tmp_path,
+        [helper.make_node("Equal", ["mask", "zero"], ["y"])],
+        [helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("y", TensorProto.BOOL, ["batch", "sequence"])],
+        [zero],
+    )
+    sets = inputs.generate_input_sets(ir.from_proto(onnx.load(path)))
+    assert all(s["mask"].any() for s in sets)

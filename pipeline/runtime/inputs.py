@@ -31,6 +31,7 @@ SEQUENCE_SIZES = (8, 13)
 SPATIAL_SIZES = (64, 96)
 OTHER_SIZES = (2, 3)
 DEFAULT_INT_HIGH = 4
+_COMPARISONS = ("Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual")
 
 _SEQUENCE_HINT = re.compile(r"seq|len|token|time|step|past|total|context|width_text", re.I)
 _BATCH_HINT = re.compile(r"batch|^n$|^b$|^N$", re.I)
@@ -162,6 +163,34 @@ def _integer_bounds(model: ir.Model) -> dict[str, int]:
     return bounds
 
 
+def _compared_constants(model: ir.Model) -> dict[str, list]:
+    """Values a single-element input is compared with (``Equal``, ``Less``, ``Greater``...
+    against a constant): a sample rate checked against 16000 and 8000, a mode flag. A model
+    branches on such an input (``If``) and often has no valid branch for any other value,
+    so these are the values it is fed. Only single-element inputs: a mask compared with 0
+    must not become all zeros."""
+    found: dict[str, list] = {}
+    for graph in model.graphs():
+        for node in graph:
+            if node.op_type not in _COMPARISONS or node.domain not in ("", "ai.onnx"):
+                continue
+            operands = [v for v in node.inputs if v is not None]
+            if len(operands) != 2:
+                continue
+            for value, other in (operands, operands[::-1]):
+                const = ir.convenience.get_const_tensor(other)
+                if not value.is_graph_input() or const is None or const.size != 1:
+                    continue
+                shape = value.shape
+                if shape is not None and any(d != 1 for d in shape):
+                    continue
+                number = const.numpy().reshape(()).item()
+                values = found.setdefault(value.name or "", [])
+                if number not in values:
+                    values.append(number)
+    return found
+
+
 def _mask_rows(batch: int, seq: int, start: int) -> np.ndarray:
     """Rows cycling through right padding, left padding, holes and no padding."""
     mask = np.ones((batch, seq), dtype=np.int64)
@@ -240,6 +269,23 @@ def _mask_spans_past(specs: list[InputSpec], chosen: dict[str, int]) -> None:
                 chosen[_symbol_key(spec, 1, dim)] = total
 
 
+def _feed(
+    spec: InputSpec,
+    shape: tuple[int, ...],
+    rng: np.random.Generator,
+    bounds: dict[str, int],
+    compared: dict[str, list],
+    set_index: int,
+) -> np.ndarray:
+    """One input's array: a single-element input the graph compares with constants takes
+    those values in turn (``_compared_constants``), anything else is filled (``_fill``)."""
+    values = compared.get(spec.name)
+    if values and int(np.prod(shape)) == 1:
+        return np.full(shape, values[set_index % len(values)], dtype=spec.dtype)
+    high = bounds.get(spec.name, DEFAULT_INT_HIGH)
+    return np.asarray(_fill(spec, shape, rng, high, set_index=set_index))
+
+
 def generate_input_sets(
     model: ir.Model,
     overrides: dict[str, tuple[int, ...]] | None = None,
@@ -256,6 +302,7 @@ def generate_input_sets(
     end); ``mask_spans_past`` sizes a decoder's mask as past + new tokens."""
     specs = _apply_overrides(input_specs(model), overrides or {})
     bounds = _integer_bounds(model)
+    compared = _compared_constants(model)
     rng = np.random.default_rng(seed)
     sizes: dict[str, tuple[int, int]] = {}
     for spec in specs:
@@ -286,27 +333,57 @@ def generate_input_sets(
                     d if isinstance(d, int) else _dim_size(_symbol_key(spec, a, d), chosen)
                     for a, d in enumerate(spec.shape)
                 )
-            high = bounds.get(spec.name, DEFAULT_INT_HIGH)
-            feeds[spec.name] = np.asarray(_fill(spec, shape, rng, high, set_index=k))
+            feeds[spec.name] = _feed(spec, shape, rng, bounds, compared, set_index=k)
         sets.append(feeds)
     return sets
 
 
 def minimal_input_set(
-    model: ir.Model, overrides: dict[str, tuple[int, ...]] | None = None, *, seed: int = 0
+    model: ir.Model,
+    overrides: dict[str, tuple[int, ...]] | None = None,
+    *,
+    seed: int = 0,
+    grow: tuple[str, int] | None = None,
 ) -> Feeds:
-    """One input set with every dynamic dim at 1: the fallback when the varied sets fail."""
+    """One input set with every dynamic dim at 1: the fallback when the varied sets fail.
+
+    ``grow`` (a symbol of ``growable_symbols``, a size) sets that one dim long and keeps the
+    rest at 1: a model that needs one long axis (audio samples under a reflect pad and a
+    strided STFT) and batch 1 (its recurrent state squeezed) runs on nothing else."""
     specs = _apply_overrides(input_specs(model), overrides or {})
-    bounds = _integer_bounds(model)
+    bounds, compared = _integer_bounds(model), _compared_constants(model)
+    chosen = dict([grow]) if grow else {}
     rng = np.random.default_rng(seed)
     feeds: Feeds = {}
     for spec in specs:
         dims = (1,) if spec.shape is None else spec.shape  # () is a scalar, not unknown
-        shape = tuple(d if isinstance(d, int) else _dim_size(str(d), {}) for d in dims)
-        feeds[spec.name] = np.asarray(
-            _fill(spec, shape, rng, bounds.get(spec.name, DEFAULT_INT_HIGH), 0)
+        shape = tuple(
+            d if isinstance(d, int) else _dim_size(_symbol_key(spec, a, d), chosen)
+            for a, d in enumerate(dims)
         )
+        feeds[spec.name] = _feed(spec, shape, rng, bounds, compared, set_index=0)
     return feeds
+
+
+def symbol_text(key: str) -> str:
+    """A dim's ``_symbol_key`` in words: ``'samples'``, or ``axis 1 of the rank-2 inputs``."""
+    anonymous = re.fullmatch(r"\?rank(\d+)_axis(\d+)", key)
+    if anonymous:
+        return f"axis {anonymous.group(2)} of the rank-{anonymous.group(1)} inputs"
+    return repr(key)
+
+
+def growable_symbols(model: ir.Model, overrides: dict[str, tuple[int, ...]] | None = None):
+    """The dynamic dims other than batch, each once (by ``_symbol_key``), in input order."""
+    symbols: list[str] = []
+    for spec in _apply_overrides(input_specs(model), overrides or {}):
+        for axis, dim in enumerate(spec.shape or ()):
+            key = _symbol_key(spec, axis, dim)
+            if isinstance(dim, int) or key in symbols or _sum_terms(key):
+                continue
+            if dynamic_dim_sizes(spec, axis, dim)[0] != "batch":
+                symbols.append(key)
+    return symbols
 
 
 def load_user_inputs(path: str | Path) -> list[Feeds]:
