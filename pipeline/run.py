@@ -13,6 +13,7 @@ import functools
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -165,36 +166,41 @@ def _reference_run(
     return sets, outputs
 
 
-def _search_inputs(model, options, report, session, first_sets, first_error):
-    """The generated default sets failed: try the other plans, then all dynamic dims at 1."""
-    attempts = [("the default sizes", first_sets, first_error)]
+def input_plans(model: ir.Model, input_shapes: dict, seed: int) -> list[tuple[str, Callable]]:
+    """The generated-input plans tried after the default sizes, in order: ``(words, make)``
+    with ``make()`` -> the input sets (the benchmark of third-party models replays them)."""
     plans = [
         (
             text,
-            lambda kw=kw: inputs_mod.generate_input_sets(
-                model, options.input_shapes, seed=options.seed, **kw
-            ),
+            lambda kw=kw: inputs_mod.generate_input_sets(model, input_shapes, seed=seed, **kw),
         )
         for text, kw in _INPUT_PLANS
     ]
     plans.append(
         (
             "every dynamic dimension at 1",
-            lambda: [inputs_mod.minimal_input_set(model, options.input_shapes, seed=options.seed)],
+            lambda: [inputs_mod.minimal_input_set(model, input_shapes, seed=seed)],
         )
     )
-    symbols = inputs_mod.growable_symbols(model, options.input_shapes)[:MAX_GROWN_DIMS]
+    symbols = inputs_mod.growable_symbols(model, input_shapes)[:MAX_GROWN_DIMS]
     plans += [
         (
             f"every dynamic dimension at 1 but {inputs_mod.symbol_text(symbol)} at {GROWN_SIZE}",
             lambda symbol=symbol: [
                 inputs_mod.minimal_input_set(
-                    model, options.input_shapes, seed=options.seed, grow=(symbol, GROWN_SIZE)
+                    model, input_shapes, seed=seed, grow=(symbol, GROWN_SIZE)
                 )
             ],
         )
         for symbol in symbols
     ]
+    return plans
+
+
+def _search_inputs(model, options, report, session, first_sets, first_error):
+    """The generated default sets failed: try the other plans (``input_plans``)."""
+    attempts = [("the default sizes", first_sets, first_error)]
+    plans = input_plans(model, options.input_shapes, options.seed)
     for text, make in plans:
         sets = make()
         try:

@@ -926,13 +926,8 @@ def plan_sets(model: Path, plan: str) -> list[dict]:
     import onnx_ir as ir
 
     from pipeline import run as run_mod
-    from pipeline.runtime import inputs as inputs_mod
 
-    loaded = ir.load(model)
-    if plan == "every dynamic dimension at 1":
-        return [inputs_mod.minimal_input_set(loaded, None, seed=0)]
-    kwargs = dict(run_mod._INPUT_PLANS)[plan]
-    return inputs_mod.generate_input_sets(loaded, None, seed=0, **kwargs)
+    return dict(run_mod.input_plans(ir.load(model), {}, seed=0))[plan]()
 
 
 def run_peers(
