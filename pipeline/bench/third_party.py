@@ -1025,6 +1025,8 @@ def run_folder(folder: Path, args: argparse.Namespace) -> list[dict]:
         previous = {r["name"]: r for r in json.loads(args.json.read_text()).get("results", [])}
     for entry in manifest["models"]:
         if only and entry["name"] not in only:
+            if entry["name"] in previous:  # --resume --only: the other rows stay as they were
+                results.append(previous[entry["name"]])
             continue
         if entry["name"] in previous and entry["name"] not in redo:
             results.append(previous[entry["name"]])
