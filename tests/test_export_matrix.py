@@ -94,20 +94,12 @@ CASES = [
     Case("optimum", opset=17),
 ]
 # Cases whose unfused form the matchers do not recognise yet: {case id: reason}
-_LONE_LN_14 = (
-    "opset < 17: the embedding LayerNorm (a lone LN, no residual) stays ReduceMean-based; "
-    "SkipLayerNormalization refuses the embedding sum because the position embedding's "
-    "sequence dim is Min(128, sequence) in ORT's symbolic shapes, not provably `sequence`"
-)
 _DYNAMO_NOOPT_ATTN = (
     "dynamo optimize=False: attention is left unfused (Softmax remains); the unoptimized "
     "graph scales Q and K each by Sqrt(Sqrt(d)) and reshapes through Split/Squeeze/Concat "
     "shape chains that fuse_attention's matcher does not recognise"
 )
 XFAIL: dict[str, str] = {
-    "legacy-eager-op14-tti-tuple": _LONE_LN_14,
-    "legacy-sdpa-op14-notti-tensor": _LONE_LN_14,
-    "optimum-op14": _LONE_LN_14,
     "dynamo-noopt-sdpa-tti-tensor": _DYNAMO_NOOPT_ATTN,
     "dynamo-noopt-sdpa-notti-tuple": _DYNAMO_NOOPT_ATTN,
     "dynamo-noopt-eager-tti-tuple": _DYNAMO_NOOPT_ATTN,
