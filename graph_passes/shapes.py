@@ -132,6 +132,27 @@ def _onnx_inference(model: ir.Model) -> None:
 Dims = tuple[int | str | None, ...]
 
 
+def _clamp_aware(base: type) -> type:
+    """ORT's SymbolicShapeInference with one more broadcast fact: ``Min(k, S)`` against
+    ``S`` broadcasts to ``S`` (``_residual_norm.clamped_to`` says why that is sound). Without
+    it, ORT's inference stops at the first such broadcast (the embedding sum of a BERT
+    exported by torch's legacy exporter) and proves no shape at all."""
+    from graph_passes.fusions._residual_norm import clamped_to
+
+    class ClampAware(base):
+        def _broadcast_shapes(self, shape1, shape2):
+            shape1, shape2 = list(shape1), list(shape2)
+            for i in range(1, min(len(shape1), len(shape2)) + 1):
+                a, b = str(shape1[-i]), str(shape2[-i])
+                if clamped_to(a, b):
+                    shape1[-i] = shape2[-i]
+                elif clamped_to(b, a):
+                    shape2[-i] = shape1[-i]
+            return super()._broadcast_shapes(shape1, shape2)
+
+    return ClampAware
+
+
 def symbolic_dims(model: ir.Model) -> dict[str, Dims]:
     """Shapes from ONNX Runtime's symbolic shape inference, by value name ({} on failure).
 
@@ -159,7 +180,7 @@ def symbolic_dims(model: ir.Model) -> dict[str, Dims]:
         # ORT's static ``infer_shapes`` throws the partial result away (and saves
         # "sym_shape_infer_temp.onnx" into the working directory) when one value stays
         # unknown; its steps are driven here instead so every proven shape is kept.
-        inference = SymbolicShapeInference(2**31 - 1, False, False, 0)
+        inference = _clamp_aware(SymbolicShapeInference)(2**31 - 1, False, False, 0)
         inference._preprocess(proto)
         while inference.run_:
             inference._infer_impl()

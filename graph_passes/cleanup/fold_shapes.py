@@ -1,4 +1,5 @@
-"""Fold ``Shape`` / ``Size`` of statically known dimensions into constants."""
+"""Fold ``Shape`` / ``Size`` of statically known dimensions into constants, and
+``CastLike`` of a statically known dtype into ``Cast``."""
 
 from __future__ import annotations
 
@@ -128,7 +129,34 @@ class FoldShapes(GraphPass):
                     self._fold_node(graph, node)
         return self.result(model)
 
+    def _cast_like_to_cast(self, graph: ir.Graph, node: ir.Node) -> None:
+        """``CastLike(x, like)`` reads only the (static) dtype of ``like``: it becomes
+        ``Cast(x, to=dtype)``, so a constant ``x`` folds and ``like`` is not a dependency
+        (the dynamo exporter's ``CastLike(16, q)`` in the attention scale)."""
+        like = node.inputs[1] if len(node.inputs) > 1 else None
+        if node.inputs[0] is None or like is None or like.dtype is None:
+            return
+        attrs = [ir.AttrInt64("to", like.dtype.value)]
+        if "saturate" in node.attributes:
+            attrs.append(node.attributes["saturate"])
+        cast = ir.Node("", "Cast", [node.inputs[0]], attrs, num_outputs=1, name=node.name)
+        old = node.outputs[0]
+        new = cast.outputs[0]
+        new.type, new.shape = old.type, old.shape
+        graph.insert_before(node, cast)
+        if not can_replace(old, new):
+            graph.remove(cast, safe=True)
+            return
+        name = old.name
+        replace_value(old, new)
+        graph.remove(node, safe=True)
+        new.name = name
+        self.matches += 1
+
     def _fold_node(self, graph: ir.Graph, node: ir.Node) -> None:
+        if node.op_type == "CastLike" and len(node.inputs) == 2:
+            self._cast_like_to_cast(graph, node)
+            return
         if node.op_type not in ("Shape", "Size") or not node.inputs or node.inputs[0] is None:
             return
         if node.op_type == "Size":

@@ -50,7 +50,7 @@ ATTENTION_OPS = frozenset(
         "DecoderMaskedMultiHeadAttention",
     }
 )
-SHAPE_OPS = ("Shape", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast")
+SHAPE_OPS = ("Shape", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast", "Reshape")
 
 
 def is_op(node: ir.Node | None, *ops: str) -> bool:
@@ -195,7 +195,7 @@ def shape_entries(value: ir.Value | None) -> list[tuple] | None:
 
     Understands constants and the shape arithmetic exporters emit: ``Shape`` (with
     start/end), ``Gather``/``Slice`` with constant indices, ``Unsqueeze``/``Squeeze`` of
-    scalars, ``Concat`` and ``Cast``.
+    scalars, ``Reshape`` of one element to ``[-1]``/``[1]``, ``Concat`` and ``Cast``.
     """
     if value is None:
         return None
@@ -219,6 +219,12 @@ def shape_entries(value: ir.Value | None) -> list[tuple] | None:
     if op == "Cast":
         return shape_entries(node.inputs[0])
     if op in ("Unsqueeze", "Squeeze"):  # of a scalar or a 1-element vector: same entries
+        inner = shape_entries(node.inputs[0])
+        return inner if inner is not None and len(inner) == 1 else None
+    if op == "Reshape":  # a scalar or 1-element vector to [-1] / [1] (dynamo's sym_size)
+        target = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        if target is None or target.reshape(-1).tolist() not in ([-1], [1]):
+            return None
         inner = shape_entries(node.inputs[0])
         return inner if inner is not None and len(inner) == 1 else None
     if op == "Concat":

@@ -7,6 +7,7 @@ documented in ``skip_layer_norm.py``.
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import onnx_ir as ir
@@ -22,15 +23,53 @@ logger = logging.getLogger(__name__)
 SKIP_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 
 
-def skip_fits(skip: Dims | None, s: Dims | None) -> bool:
-    """ORT accepts ``skip`` for a sum of ``s``'s shape: the same, or [1, S, C] / [S, C]."""
+_CLAMP = re.compile(r"^Min\(\s*(?:(\d+)\s*,\s*(\w+)|(\w+)\s*,\s*(\d+))\s*\)$")
+
+
+def clamped_to(dim: object, other: object) -> bool:
+    """Whether ``dim`` is ``Min(k, other)`` (k >= 2, ``other`` a symbol): how ORT's symbolic
+    inference writes a Slice ``buffer[:, :S]`` of a fixed-size buffer (BERT's position ids).
+
+    An operand of a broadcasting Add with such a dim against ``other`` *is* ``other`` wherever
+    the model runs: for ``other <= k`` the two are equal, and for ``other > k`` they differ and
+    neither is 1, so the original Add fails at run time too.
+    """
+    if not isinstance(dim, str) or not isinstance(other, str):
+        return False
+    found = _CLAMP.match(dim.strip())
+    if found is None:
+        return False
+    k, symbol = (found[1], found[2]) if found[1] else (found[4], found[3])
+    return int(k) >= 2 and symbol == other
+
+
+def skip_fits(skip: Dims | None, s: Dims | None, *, clamped: bool = False) -> bool:
+    """ORT accepts ``skip`` for a sum of ``s``'s shape: the same, or [1, S, C] / [S, C].
+    ``clamped``: ``skip`` is an operand of the Add computing ``s``, so a ``Min(k, S)`` dim of
+    it counts as ``S`` (``clamped_to``)."""
     if same_shape(skip, s):
         return True
     if skip is None or s is None or len(s) != 3:
         return False
     if len(skip) not in (2, 3) or (len(skip) == 3 and skip[0] != 1):
         return False
-    return all(same_dim(x, y) for x, y in zip(skip[-2:], s[-2:], strict=True))
+    return all(
+        same_dim(x, y) or (clamped and clamped_to(x, y))
+        for x, y in zip(skip[-2:], s[-2:], strict=True)
+    )
+
+
+def _broadcast_sum(inp: Dims | None, skip: Dims | None) -> Dims | None:
+    """``inp``'s shape when it is provably the shape of ``inp + skip`` (every dim of ``skip``
+    equal, 1, or clamped to ``inp``'s), else None."""
+    if inp is None or skip is None or len(skip) > len(inp):
+        return None
+    if any(not isinstance(d, int) and (d is None or d.startswith("unk__")) for d in inp):
+        return None
+    for x, y in zip(skip[::-1], inp[::-1], strict=False):
+        if not (x == 1 or same_dim(x, y) or clamped_to(x, y)):
+            return None
+    return tuple(inp)
 
 
 class ResidualNormFuser:
@@ -147,7 +186,12 @@ class ResidualNormFuser:
             if inp is None or skip is None:
                 continue
             if not same_shape(dims(inp), out) or not skip_fits(dims(skip), out):
-                continue
+                # the sum's own dims may be unproven (``unk__``) where ORT's inference met a
+                # clamped dim (BERT's position embedding at opset < 17): derive them
+                out = _broadcast_sum(dims(inp), dims(skip))
+                if out is None or not skip_fits(dims(skip), out, clamped=True):
+                    out = dims(s)
+                    continue
             bias_add = producer(inp, "Add")
             if bias_add is not None and only_use(inp) is add:
                 for m, bias in (bias_add.inputs, bias_add.inputs[::-1]):

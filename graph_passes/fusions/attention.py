@@ -122,6 +122,8 @@ class FuseAttention(Fusion):
                 _detach([n for n in getattr(self, "_pending", []) if n.graph is None])
                 self.rejected.append(f"{softmax.name}: {exc}")
                 logger.debug("attention at %s not fused: %s", softmax.name, exc)
+        if self.matches:
+            graph.sort()  # a reused int32 mask may sit after the layers fused this time
         if self.matches and CONTRIB_DOMAIN not in model.opset_imports and self._used_contrib(graph):
             model.opset_imports[CONTRIB_DOMAIN] = 1
         if self.blocked:
@@ -362,6 +364,16 @@ class FuseAttention(Fusion):
         cached = self._shared.get(key) or self._pending_shared.get(key)
         if cached is not None:
             return cached
+        for use in mask.mask.uses():  # one made by an earlier call of this pass (a later
+            # fixed-point iteration fusing the layers left over): reuse it
+            user = use.node
+            if (
+                user.op_type == "Cast"
+                and user.domain in ("", "ai.onnx")
+                and user.graph is not None
+                and user.attributes.get_int("to", 0) == ir.DataType.INT32
+            ):
+                return user.outputs[0]
         cast = ir.Node(
             "", "Cast", [mask.mask], [ir.AttrInt64("to", ir.DataType.INT32)], name="mask_int32"
         )

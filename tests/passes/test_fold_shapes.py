@@ -197,3 +197,18 @@ g ({x_type} x) => ({out_type} s) <int64[1] one = {{1}}> {{
     assert output.name == "s" and output.dtype == ir.DataType.INT64
     assert list(output.shape) == [len(expected)]
     assert output.producer().attributes["value"].as_tensor().numpy().tolist() == expected
+
+
+def test_cast_like_becomes_cast_of_the_static_dtype():
+    """CastLike reads only the dtype of its second input (dynamo's ``CastLike(16, q)`` in the
+    attention scale): it becomes a Cast, so a constant first input can fold."""
+    _, out, modified = run("""
+g (float[2, N] q, int64[1] k) => (float[2, N] y) {
+  c = CastLike(k, q)
+  y = Mul(q, c)
+}""")
+    assert modified
+    assert op_list(out) == ["Cast", "Mul"]
+    cast = next(n for n in out.graph if n.op_type == "Cast")
+    assert cast.attributes.get_int("to") == ir.DataType.FLOAT.value
+    assert cast.outputs[0].name == "c"

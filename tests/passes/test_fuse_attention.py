@@ -321,3 +321,27 @@ def test_mask_cast_is_shared_by_layers() -> None:
     casts = [n for n in candidate.graph if n.op_type == "Cast"]
     assert len(casts) == 1 and len(list(casts[0].outputs[0].uses())) == 2
     assert_parity(model, candidate, [{"x": f["x"], "mask": f["mask"]} for f in feeds(g)], **TOL)
+
+
+def test_shape_entries_follow_dynamo_sym_size_chain():
+    """The dynamo exporter (optimize=False) writes a batch size as
+    ``Reshape(Squeeze(Shape(x, start=0, end=1)), [-1])``: that is x's dim 0."""
+    from graph_passes.fusions._attention_match import shape_entries
+    from graph_passes.testing.helpers import model_from_text
+
+    model = model_from_text("""<ir_version: 8, opset_import: ["" : 20]>
+g (int64[B, S] x) => (int64[4] target, int64[2] bad) {
+  s = Shape <start = 0, end = 1> (x)
+  q = Squeeze(s)
+  m1 = Constant <value = int64[1] {-1}> ()
+  r = Reshape(q, m1)
+  tail = Constant <value = int64[3] {-1, 4, 16}> ()
+  target = Concat <axis = 0> (r, tail)
+  m2 = Constant <value = int64[2] {1, -1}> ()
+  bad = Reshape(q, m2)
+}""")
+    x = model.graph.inputs[0]
+    outputs = {v.name: v for v in model.graph.outputs}
+    entries = shape_entries(outputs["target"])
+    assert entries == [("dim", x, 0), ("int", -1), ("int", 4), ("int", 16)]
+    assert shape_entries(outputs["bad"]) is None  # not to [-1]/[1]: not one entry

@@ -238,3 +238,19 @@ def test_symbolic_shape_inference_leaves_no_debris_in_the_working_directory(tmp_
     monkeypatch.chdir(tmp_path)
     symbolic_dims(model)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_clamped_dim_counts_as_its_symbol_only_when_sound() -> None:
+    """``Min(k, S)`` (a Slice of a fixed buffer, BERT's position ids) broadcast against ``S``
+    is ``S`` wherever the model runs; only for k >= 2 and the same symbol."""
+    from graph_passes.fusions._residual_norm import clamped_to, skip_fits
+
+    assert clamped_to("Min(128, sequence)", "sequence")
+    assert clamped_to("Min(sequence, 512)", "sequence")
+    assert not clamped_to("Min(1, sequence)", "sequence")  # 1 broadcasts: not the same dim
+    assert not clamped_to("Min(128, other)", "sequence")
+    assert not clamped_to("Max(128, sequence)", "sequence")
+    assert not clamped_to("sequence", "sequence")
+    skip, s = (1, "Min(128, sequence)", 64), ("batch", "sequence", 64)
+    assert not skip_fits(skip, s)  # only for an operand of the Add that computes s
+    assert skip_fits(skip, s, clamped=True)
