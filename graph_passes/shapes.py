@@ -23,6 +23,7 @@ Three sources, one module, because every fusion that must prove a shape asks all
 from __future__ import annotations
 
 import logging
+import re
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
@@ -132,12 +133,31 @@ def _onnx_inference(model: ir.Model) -> None:
 Dims = tuple[int | str | None, ...]
 
 
+_CLAMP = re.compile(r"^Min\(\s*(?:(\d+)\s*,\s*(\w+)|(\w+)\s*,\s*(\d+))\s*\)$")
+
+
+def clamped_to(dim: object, other: object) -> bool:
+    """Whether ``dim`` is ``Min(k, other)`` (k >= 2, ``other`` a symbol): how ORT's symbolic
+    inference writes a Slice ``buffer[:, :S]`` of a fixed-size buffer (BERT's position ids).
+
+    An operand of a broadcasting Add with such a dim against ``other`` *is* ``other`` wherever
+    the model runs: for ``other <= k`` the two are equal, and for ``other > k`` they differ and
+    neither is 1, so the original Add fails at run time too.
+    """
+    if not isinstance(dim, str) or not isinstance(other, str):
+        return False
+    found = _CLAMP.match(dim.strip())
+    if found is None:
+        return False
+    k, symbol = (found[1], found[2]) if found[1] else (found[4], found[3])
+    return int(k) >= 2 and symbol == other
+
+
 def _clamp_aware(base: type) -> type:
     """ORT's SymbolicShapeInference with one more broadcast fact: ``Min(k, S)`` against
-    ``S`` broadcasts to ``S`` (``_residual_norm.clamped_to`` says why that is sound). Without
+    ``S`` broadcasts to ``S`` (``clamped_to`` says why that is sound). Without
     it, ORT's inference stops at the first such broadcast (the embedding sum of a BERT
     exported by torch's legacy exporter) and proves no shape at all."""
-    from graph_passes.fusions._residual_norm import clamped_to
 
     class ClampAware(base):
         def _broadcast_shapes(self, shape1, shape2):

@@ -7,7 +7,6 @@ documented in ``skip_layer_norm.py``.
 from __future__ import annotations
 
 import logging
-import re
 
 import numpy as np
 import onnx_ir as ir
@@ -15,32 +14,12 @@ import onnx_ir as ir
 from graph_passes.base import constant_tensor, take_over
 from graph_passes.fusion import Fusion
 from graph_passes.match import ir_dims, only_use, probe_node, producer, same_dim, same_shape
-from graph_passes.shapes import Dims, symbolic_dims
+from graph_passes.shapes import Dims, clamped_to, symbolic_dims
 from graph_passes.target.targets import CONTRIB_DOMAIN
 
 logger = logging.getLogger(__name__)
 
 SKIP_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
-
-
-_CLAMP = re.compile(r"^Min\(\s*(?:(\d+)\s*,\s*(\w+)|(\w+)\s*,\s*(\d+))\s*\)$")
-
-
-def clamped_to(dim: object, other: object) -> bool:
-    """Whether ``dim`` is ``Min(k, other)`` (k >= 2, ``other`` a symbol): how ORT's symbolic
-    inference writes a Slice ``buffer[:, :S]`` of a fixed-size buffer (BERT's position ids).
-
-    An operand of a broadcasting Add with such a dim against ``other`` *is* ``other`` wherever
-    the model runs: for ``other <= k`` the two are equal, and for ``other > k`` they differ and
-    neither is 1, so the original Add fails at run time too.
-    """
-    if not isinstance(dim, str) or not isinstance(other, str):
-        return False
-    found = _CLAMP.match(dim.strip())
-    if found is None:
-        return False
-    k, symbol = (found[1], found[2]) if found[1] else (found[4], found[3])
-    return int(k) >= 2 and symbol == other
 
 
 def skip_fits(skip: Dims | None, s: Dims | None, *, clamped: bool = False) -> bool:

@@ -243,7 +243,8 @@ def test_symbolic_shape_inference_leaves_no_debris_in_the_working_directory(tmp_
 def test_clamped_dim_counts_as_its_symbol_only_when_sound() -> None:
     """``Min(k, S)`` (a Slice of a fixed buffer, BERT's position ids) broadcast against ``S``
     is ``S`` wherever the model runs; only for k >= 2 and the same symbol."""
-    from graph_passes.fusions._residual_norm import clamped_to, skip_fits
+    from graph_passes.fusions._residual_norm import skip_fits
+    from graph_passes.shapes import clamped_to
 
     assert clamped_to("Min(128, sequence)", "sequence")
     assert clamped_to("Min(sequence, 512)", "sequence")
