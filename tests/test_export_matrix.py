@@ -46,6 +46,7 @@ from pipeline.recipe import load_recipe
 from pipeline.runtime import sessions as runners
 from pipeline.runtime.compare import Tolerance
 from pipeline.verify import Verifier
+from tests.test_minilm_fusion import padding_masks
 
 pytestmark = pytest.mark.slow
 
@@ -279,18 +280,10 @@ def padded_feeds(names: set[str], seq: int = 11, batch: int = 3) -> list[dict[st
     ids = rng.integers(5, VOCAB, (batch, seq)).astype(np.int64)
     tti = np.zeros((batch, seq), np.int64)
     tti[:, 6:] = 1
-    right = np.ones((batch, seq), np.int64)
-    right[0, 7:] = 0
-    right[1, 4:] = 0
-    left = right[:, ::-1].copy()
-    holes = np.ones((batch, seq), np.int64)
-    holes[0, 2::3] = 0
-    holes[1, 5:8] = 0
-    holes[2, [1, 9]] = 0
     full = np.ones((batch, seq), np.int64)
     sets = [
         {"input_ids": ids, "attention_mask": mask, "token_type_ids": tti}
-        for mask in (left, right, holes, full)
+        for mask in (*padding_masks(seq, batch), full)
     ]
     return [{k: v for k, v in feed.items() if k in names} for feed in sets]
 

@@ -61,10 +61,9 @@ def optimize(model: ir.Model, target: Target) -> tuple[ir.Model, int]:
     return result.model, fused
 
 
-def mask_feeds(seq: int = 11, batch: int = 3, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1000, 20000, (batch, seq)).astype(np.int64)
-    ids[:, 0] = 101
+def padding_masks(seq: int = 11, batch: int = 3) -> tuple[np.ndarray, ...]:
+    """Left padding, right padding and holes (batch 3, 11 tokens): the masks a fused
+    attention must honour exactly."""
     right = np.ones((batch, seq), np.int64)
     right[0, 7:] = 0
     right[1, 4:] = 0
@@ -73,9 +72,16 @@ def mask_feeds(seq: int = 11, batch: int = 3, seed: int = 0) -> list[dict[str, n
     holes[0, 2::3] = 0
     holes[1, 5:8] = 0
     holes[2, [1, 9]] = 0
+    return left, right, holes
+
+
+def mask_feeds(seq: int = 11, batch: int = 3, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1000, 20000, (batch, seq)).astype(np.int64)
+    ids[:, 0] = 101
     return [
         {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-        for mask in (left, right, holes)
+        for mask in padding_masks(seq, batch)
     ]
 
 
