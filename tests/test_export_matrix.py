@@ -94,17 +94,6 @@ CASES = [
     Case("optimum", opset=14),
     Case("optimum", opset=17),
 ]
-# Cases whose unfused form the matchers do not recognise yet: {case id: reason}
-XFAIL: dict[str, str] = {
-    "dynamo-noopt-sdpa-notti-tuple": (
-        "attention unfused (Softmax left): this trace computes the scale as "
-        "Sqrt(1 / Sqrt(Cast(Gather(Shape(q), -1)))) with q = Transpose(Reshape(x, "
-        "Concat(batch, -1, 4, 16))); ONNX shape inference (no data propagation) leaves q's "
-        "last dim unknown, so fold_shapes cannot fold the head size and Q/K stay scaled by a "
-        "non-constant; fuse_packed_matmuls then packs Q/K/V into MatMul + Split, which "
-        "match_projection does not accept"
-    ),
-}
 
 
 def _dynamo_has_optimize() -> bool:
@@ -288,15 +277,7 @@ def padded_feeds(names: set[str], seq: int = 11, batch: int = 3) -> list[dict[st
     return [{k: v for k, v in feed.items() if k in names} for feed in sets]
 
 
-def _params():
-    for case in CASES:
-        marks = ()
-        if case.id in XFAIL:
-            marks = pytest.mark.xfail(strict=True, reason=XFAIL[case.id])
-        yield pytest.param(case, id=case.id, marks=marks)
-
-
-@pytest.mark.parametrize("case", list(_params()))
+@pytest.mark.parametrize("case", [pytest.param(case, id=case.id) for case in CASES])
 def test_every_fusion_hits_and_outputs_match(case: Case, exported) -> None:
     path = exported(case)
     reference = ir.load(path)

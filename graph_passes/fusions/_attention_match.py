@@ -21,10 +21,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx_ir as ir
 
 from graph_passes.base import constant_array, is_standard
+from graph_passes.shapes import dim_of, shape_entries
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ ATTENTION_OPS = frozenset(
         "DecoderMaskedMultiHeadAttention",
     }
 )
-SHAPE_OPS = ("Shape", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast", "Reshape")
 
 
 def is_op(node: ir.Node | None, *ops: str) -> bool:
@@ -64,15 +63,7 @@ def producer(value: ir.Value | None, *ops: str) -> ir.Node | None:
     return node if is_op(node, *ops) else None
 
 
-def dim_size(value: ir.Value, axis: int) -> Size:
-    """Static size of ``value``'s axis: an int, a symbolic name, or None."""
-    if value.shape is None or not -len(value.shape) <= axis < len(value.shape):
-        return None
-    dim = value.shape[axis]
-    if isinstance(dim, int):
-        return dim
-    name = getattr(dim, "value", None)
-    return name if isinstance(name, str) and name else None
+dim_size = dim_of  # static size of an axis: an int, a symbolic name, or None
 
 
 def scalar_constant(value: ir.Value | None) -> float | None:
@@ -188,79 +179,6 @@ class LayoutTracker:
                 return None
             return self.reshape(layout, entries, node.attributes.get_int("allowzero", 0))
         return None
-
-
-def shape_entries(value: ir.Value | None) -> list[tuple] | None:
-    """A 1-D int64 shape vector as entries ("int", k) or ("dim", tensor, axis), else None.
-
-    Understands constants and the shape arithmetic exporters emit: ``Shape`` (with
-    start/end), ``Gather``/``Slice`` with constant indices, ``Unsqueeze``/``Squeeze`` of
-    scalars, ``Reshape`` of one element to ``[-1]``/``[1]``, ``Concat`` and ``Cast``.
-    """
-    if value is None:
-        return None
-    array = constant_array(value)
-    if array is not None:
-        if array.dtype.kind not in "iu" or array.ndim > 1:
-            return None
-        return [("int", int(v)) for v in array.reshape(-1)]
-    node = value.producer()
-    if node is None or not is_op(node, *SHAPE_OPS):
-        return None
-    op = node.op_type
-    if op == "Shape":
-        data = node.inputs[0]
-        if data is None or data.shape is None:
-            return None
-        rank = len(data.shape)
-        start = node.attributes.get_int("start", 0)
-        end = node.attributes.get_int("end", rank)
-        return [("dim", data, i) for i in range(rank)[slice(start, end)]]
-    if op == "Cast":
-        return shape_entries(node.inputs[0])
-    if op in ("Unsqueeze", "Squeeze"):  # of a scalar or a 1-element vector: same entries
-        inner = shape_entries(node.inputs[0])
-        return inner if inner is not None and len(inner) == 1 else None
-    if op == "Reshape":  # a scalar or 1-element vector to [-1] / [1] (dynamo's sym_size)
-        target = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
-        if target is None or target.reshape(-1).tolist() not in ([-1], [1]):
-            return None
-        inner = shape_entries(node.inputs[0])
-        return inner if inner is not None and len(inner) == 1 else None
-    if op == "Concat":
-        if node.attributes.get_int("axis", 0) not in (0, -1):
-            return None
-        out: list[tuple] = []
-        for part in node.inputs:
-            entries = shape_entries(part)
-            if entries is None:
-                return None
-            out.extend(entries)
-        return out
-    source = shape_entries(node.inputs[0])
-    if source is None:
-        return None
-    if op == "Gather":
-        index = constant_array(node.inputs[1])
-        if index is None or node.attributes.get_int("axis", 0) != 0 or index.ndim > 1:
-            return None
-        try:
-            return [source[int(i)] for i in index.reshape(-1)]
-        except IndexError:
-            return None
-    # Slice
-    starts, ends = constant_array(node.inputs[1]), constant_array(node.inputs[2])
-    axes = constant_array(node.inputs[3]) if len(node.inputs) > 3 else None
-    steps = constant_array(node.inputs[4]) if len(node.inputs) > 4 else None
-    if starts is None or ends is None or starts.size != 1 or ends.size != 1:
-        return None
-    if axes is not None and int(axes.reshape(-1)[0]) not in (0, -1):
-        return None
-    if steps is not None and int(steps.reshape(-1)[0]) != 1:
-        return None
-    n = len(source)
-    start, end = (int(np.clip(int(v.reshape(-1)[0]), -n - 1, n + 1)) for v in (starts, ends))
-    return source[slice(start, end)]
 
 
 # -- chains ----------------------------------------------------------------------------

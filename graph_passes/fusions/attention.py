@@ -65,7 +65,7 @@ from graph_passes.base import (
 )
 from graph_passes.fusion import Emits, ExpectedRow, Fusion
 from graph_passes.fusions import _attention_match as am
-from graph_passes.shapes import infer_shapes
+from graph_passes.shapes import SHAPE_OPS, infer_shapes
 from graph_passes.target.targets import CONTRIB_DOMAIN
 
 logger = logging.getLogger(__name__)
@@ -548,7 +548,7 @@ def _shape_closure(start: ir.Node, pattern: set[ir.Node]) -> list[ir.Node] | Non
         node = stack.pop()
         if node in seen:
             continue
-        if not am.is_op(node, *am.SHAPE_OPS) or node.outputs[0].is_graph_output():
+        if not am.is_op(node, *SHAPE_OPS) or node.outputs[0].is_graph_output():
             return None
         seen.append(node)
         for use in node.outputs[0].uses():
