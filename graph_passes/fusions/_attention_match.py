@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_ir as ir
 
 from graph_passes.base import constant_array, is_standard
@@ -273,40 +274,113 @@ def walk_forward(tracker: LayoutTracker, value: ir.Value, target: Layout) -> lis
 
 @dataclass
 class Projection:
-    """``y = MatMul(x, weight) [+ bias]``: how Q, K and V are computed from the hidden states."""
+    """``y = MatMul(x, weight) [+ bias]``: how Q, K and V are computed from the hidden states.
+
+    Or one block of columns of a packed projection, ``Split(MatMul(x, weight) [+ bias])``
+    [+ bias]: ``fuse_packed_matmuls`` writes Q/K/V that way (its bias Adds after the Split),
+    and so does a module with one ``in_proj`` weight (its bias before the Split). Then
+    ``columns`` are this projection's columns of ``weight`` (and of ``bias`` when
+    ``bias_packed``), and ``split`` / a packed ``add`` are shared with its siblings.
+    """
 
     x: ir.Value
     weight: ir.Value
     bias: ir.Value | None
     matmul: ir.Node
     add: ir.Node | None
+    split: ir.Node | None = None
+    columns: slice | None = None
+    bias_packed: bool = False
 
     @property
     def nodes(self) -> list[ir.Node]:
-        return [self.matmul] + ([self.add] if self.add is not None else [])
+        after = (self.add, self.split) if self.bias_packed else (self.split, self.add)
+        return [self.matmul, *(n for n in after if n is not None)]
+
+    def weight_array(self) -> np.ndarray | None:
+        """This projection's constant weight ([E_in, E]), else None."""
+        array = constant_array(self.weight)
+        return array if array is None or self.columns is None else array[..., self.columns]
+
+    def bias_array(self) -> np.ndarray | None:
+        """This projection's constant bias, else None (also when there is none)."""
+        array = constant_array(self.bias)
+        if array is None or not self.bias_packed or self.columns is None:
+            return array
+        return array[..., self.columns]
+
+
+def projection_nodes(projections: list[Projection]) -> list[ir.Node]:
+    """The nodes of ``projections``, each once (packed ones share their MatMul and Split)."""
+    return list(dict.fromkeys(n for p in projections for n in p.nodes))
 
 
 def match_projection(value: ir.Value) -> Projection | None:
-    """``value = MatMul(x, W) + bias`` (either Add order) or ``MatMul(x, W)``; else None."""
+    """``value = MatMul(x, W) + bias`` (either Add order) or ``MatMul(x, W)``, either of them
+    possibly one block of a packed projection's ``Split``; else None."""
     add = producer(value, "Add")
-    bias = None
-    matmul = None
     if add is not None:
         for a, b in (add.inputs, add.inputs[::-1]):
-            mm = producer(a, "MatMul")
-            if mm is not None and b is not None and producer(b, "MatMul") is None:
-                matmul, bias = mm, b
-                break
-        if matmul is None:
-            return None
-    else:
-        matmul = producer(value, "MatMul")
-        if matmul is None:
-            return None
-    x, weight = matmul.inputs
-    if x is None or weight is None:
+            found = _product(a)
+            if found is not None and b is not None and _product(b) is None:
+                if found.bias is not None:
+                    return None  # a bias on each side of the Split: not a plain projection
+                found.add, found.bias = add, b
+                return found
         return None
-    return Projection(x, weight, bias, matmul, add)
+    return _product(value)
+
+
+def _product(value: ir.Value | None) -> Projection | None:
+    """``MatMul(x, W)``, or a block of ``Split(MatMul(x, W) [+ bias], axis=-1)`` (bias-less
+    when not packed: the caller adds the projection's own)."""
+    split = producer(value, "Split")
+    columns = None
+    if split is not None:
+        columns = _split_columns(split, split.outputs.index(value))
+        value = split.inputs[0]
+        if columns is None:
+            return None
+    add = producer(value, "Add") if split is not None else None
+    bias = None
+    if add is not None:
+        for a, b in (add.inputs, add.inputs[::-1]):
+            if producer(a, "MatMul") is not None and b is not None:
+                value, bias = a, b
+                break
+        else:
+            return None
+    matmul = producer(value, "MatMul")
+    if matmul is None or matmul.inputs[0] is None or matmul.inputs[1] is None:
+        return None
+    x, weight = matmul.inputs
+    if split is not None and not _columns_fit(weight, split):
+        return None
+    return Projection(x, weight, bias, matmul, add, split, columns, bias_packed=add is not None)
+
+
+def _split_columns(split: ir.Node, index: int) -> slice | None:
+    """The columns output ``index`` of a last-axis ``Split`` takes (explicit sizes only)."""
+    data = split.inputs[0]
+    axis = split.attributes.get_int("axis", 0)
+    rank = None if data is None or data.shape is None else len(data.shape)
+    if axis != -1 and (rank is None or axis != rank - 1):
+        return None
+    sizes = split.attributes.get_ints("split", None)
+    if sizes is None and len(split.inputs) > 1:
+        array = constant_array(split.inputs[1])
+        sizes = None if array is None else [int(v) for v in array.reshape(-1)]
+    if sizes is None or len(sizes) != len(split.outputs) or min(sizes) < 1:
+        return None
+    start = sum(sizes[:index])
+    return slice(start, start + sizes[index])
+
+
+def _columns_fit(weight: ir.Value, split: ir.Node) -> bool:
+    """Whether the Split's blocks tile the weight's last axis exactly."""
+    width = dim_size(weight, -1)
+    total = _split_columns(split, len(split.outputs) - 1)
+    return isinstance(width, int) and total is not None and total.stop == width
 
 
 # -- masks -----------------------------------------------------------------------------
