@@ -3,7 +3,7 @@
 A tiny ``BertModel`` (hidden 64, 2 layers, 4 heads, intermediate 128, vocab 1000, random
 weights with fixed seeds; nothing is downloaded) is exported by
 
-- the legacy TorchScript exporter, eager and SDPA attention, at opsets 14, 17 and 20;
+- the legacy TorchScript exporter, eager and SDPA attention, at opsets 14 to 20;
 - the dynamo exporter with its optimizer (``optimize=True``) and without (``optimize=False``),
   eager and SDPA attention, at the opset it picks itself;
 - Optimum's ``main_export`` (skipped when ``optimum.exporters.onnx`` is not importable);
@@ -11,14 +11,18 @@ weights with fixed seeds; nothing is downloaded) is exported by
 with and without a ``token_type_ids`` input, and through a wrapper module that returns either
 the ``last_hidden_state`` tensor alone or the ``(last_hidden_state, pooler_output)`` tuple.
 
-The full cross product is 2x3x4 = 24 legacy + 2x2x4 = 16 dynamo + optimum exports; that is more
-than this suite should pay for, so the matrix is a covering design (``CASES``): every value of
-every axis appears, and for each exporter every pair of (attention, opset) x (token_type_ids,
-wrapper) value appears at least once. Dropped: the remaining legacy and dynamo combinations
-whose every *pair* of axis values is already in the matrix (the exporters' graphs differ by
-exporter, opset and attention implementation; token_type_ids and the wrapper only change the
-embedding sum and the graph outputs, which do not interact with the opset). Optimum decides
-its own inputs (``token_type_ids`` always) and outputs, so it has no wrapper/tti axis.
+The full cross product is 2x7x4 = 56 legacy + 2x2x4 = 16 dynamo + optimum exports; that is more
+than this suite should pay for, so the matrix is a pairwise covering design (``CASES``): for
+each torch exporter, every pair of values of any two of its axes appears at least once. Legacy
+(axes attention, opset, token_type_ids, wrapper): each (attention, opset) once, 14 exports,
+the two of an opset differing in both token_type_ids and wrapper, so every opset and every
+attention implementation sees both values of each (``test_legacy_cases_cover_every_pair``
+checks it). Dynamo: each (optimize, attention) sees both token_type_ids values and both
+wrappers. Dropped: the combinations whose every *pair* of axis values is already in the matrix
+(the exporters' graphs differ by exporter, opset and attention implementation; token_type_ids
+and the wrapper only change the embedding sum and the graph outputs, which do not interact
+with the opset). Optimum decides its own inputs (``token_type_ids`` always) and outputs, so it
+has no wrapper/tti axis.
 
 After the default recipe's passes (no kernel timing, so timing cannot decline a fusion), every
 export must have: one ``com.microsoft.Attention`` per layer and no Softmax; every layer norm
@@ -29,6 +33,7 @@ Erf left); and the same outputs as the export for left padding, right padding an
 from __future__ import annotations
 
 import inspect
+import itertools
 import os
 import shutil
 import tempfile
@@ -73,13 +78,22 @@ class Case:
 
 
 CASES = [
-    # legacy: each (attn, opset) once; each attn and each opset sees tti/no tti and
-    # tuple/tensor, and every (tti, wrapper) pair appears
+    # legacy: each (attn, opset) once; the two cases of an opset differ in tti and wrapper,
+    # so each attn and each opset sees tti/no tti and tuple/tensor, and every (tti, wrapper)
+    # pair appears
     Case("legacy", "eager", 14, True, "tuple"),
+    Case("legacy", "eager", 15, False, "tuple"),
+    Case("legacy", "eager", 16, True, "tuple"),
     Case("legacy", "eager", 17, False, "tensor"),
+    Case("legacy", "eager", 18, True, "tensor"),
+    Case("legacy", "eager", 19, False, "tuple"),
     Case("legacy", "eager", 20, True, "tensor"),
     Case("legacy", "sdpa", 14, False, "tensor"),
+    Case("legacy", "sdpa", 15, True, "tensor"),
+    Case("legacy", "sdpa", 16, False, "tensor"),
     Case("legacy", "sdpa", 17, True, "tuple"),
+    Case("legacy", "sdpa", 18, False, "tuple"),
+    Case("legacy", "sdpa", 19, True, "tensor"),
     Case("legacy", "sdpa", 20, False, "tuple"),
     # dynamo with and without its optimizer: each (optimize, attn) sees both tti values and
     # both wrappers
@@ -94,17 +108,16 @@ CASES = [
     Case("optimum", opset=14),
     Case("optimum", opset=17),
 ]
-# Cases whose unfused form the matchers do not recognise yet: {case id: reason}
-XFAIL: dict[str, str] = {
-    "dynamo-noopt-sdpa-notti-tuple": (
-        "attention unfused (Softmax left): this trace computes the scale as "
-        "Sqrt(1 / Sqrt(Cast(Gather(Shape(q), -1)))) with q = Transpose(Reshape(x, "
-        "Concat(batch, -1, 4, 16))); ONNX shape inference (no data propagation) leaves q's "
-        "last dim unknown, so fold_shapes cannot fold the head size and Q/K stay scaled by a "
-        "non-constant; fuse_packed_matmuls then packs Q/K/V into MatMul + Split, which "
-        "match_projection does not accept"
-    ),
-}
+
+
+def test_legacy_cases_cover_every_pair() -> None:
+    """The legacy cases are a pairwise covering design of their four axes (module docstring)."""
+    rows = [(c.attn, c.opset, c.tti, c.wrapper) for c in CASES if c.exporter == "legacy"]
+    axes = [("eager", "sdpa"), tuple(range(14, 21)), (True, False), ("tensor", "tuple")]
+    for i, j in itertools.combinations(range(len(axes)), 2):
+        seen = {(row[i], row[j]) for row in rows}
+        assert seen == set(itertools.product(axes[i], axes[j])), (i, j)
+    assert len(rows) == len(axes[0]) * len(axes[1])  # each (attention, opset) once
 
 
 def _dynamo_has_optimize() -> bool:
@@ -288,15 +301,7 @@ def padded_feeds(names: set[str], seq: int = 11, batch: int = 3) -> list[dict[st
     return [{k: v for k, v in feed.items() if k in names} for feed in sets]
 
 
-def _params():
-    for case in CASES:
-        marks = ()
-        if case.id in XFAIL:
-            marks = pytest.mark.xfail(strict=True, reason=XFAIL[case.id])
-        yield pytest.param(case, id=case.id, marks=marks)
-
-
-@pytest.mark.parametrize("case", list(_params()))
+@pytest.mark.parametrize("case", [pytest.param(case, id=case.id) for case in CASES])
 def test_every_fusion_hits_and_outputs_match(case: Case, exported) -> None:
     path = exported(case)
     reference = ir.load(path)

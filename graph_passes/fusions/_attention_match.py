@@ -25,6 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graph_passes.base import constant_array, is_standard
+from graph_passes.shapes import dim_of, shape_entries
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,6 @@ ATTENTION_OPS = frozenset(
         "DecoderMaskedMultiHeadAttention",
     }
 )
-SHAPE_OPS = ("Shape", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast", "Reshape")
 
 
 def is_op(node: ir.Node | None, *ops: str) -> bool:
@@ -64,15 +64,7 @@ def producer(value: ir.Value | None, *ops: str) -> ir.Node | None:
     return node if is_op(node, *ops) else None
 
 
-def dim_size(value: ir.Value, axis: int) -> Size:
-    """Static size of ``value``'s axis: an int, a symbolic name, or None."""
-    if value.shape is None or not -len(value.shape) <= axis < len(value.shape):
-        return None
-    dim = value.shape[axis]
-    if isinstance(dim, int):
-        return dim
-    name = getattr(dim, "value", None)
-    return name if isinstance(name, str) and name else None
+dim_size = dim_of  # static size of an axis: an int, a symbolic name, or None
 
 
 def scalar_constant(value: ir.Value | None) -> float | None:
@@ -190,79 +182,6 @@ class LayoutTracker:
         return None
 
 
-def shape_entries(value: ir.Value | None) -> list[tuple] | None:
-    """A 1-D int64 shape vector as entries ("int", k) or ("dim", tensor, axis), else None.
-
-    Understands constants and the shape arithmetic exporters emit: ``Shape`` (with
-    start/end), ``Gather``/``Slice`` with constant indices, ``Unsqueeze``/``Squeeze`` of
-    scalars, ``Reshape`` of one element to ``[-1]``/``[1]``, ``Concat`` and ``Cast``.
-    """
-    if value is None:
-        return None
-    array = constant_array(value)
-    if array is not None:
-        if array.dtype.kind not in "iu" or array.ndim > 1:
-            return None
-        return [("int", int(v)) for v in array.reshape(-1)]
-    node = value.producer()
-    if node is None or not is_op(node, *SHAPE_OPS):
-        return None
-    op = node.op_type
-    if op == "Shape":
-        data = node.inputs[0]
-        if data is None or data.shape is None:
-            return None
-        rank = len(data.shape)
-        start = node.attributes.get_int("start", 0)
-        end = node.attributes.get_int("end", rank)
-        return [("dim", data, i) for i in range(rank)[slice(start, end)]]
-    if op == "Cast":
-        return shape_entries(node.inputs[0])
-    if op in ("Unsqueeze", "Squeeze"):  # of a scalar or a 1-element vector: same entries
-        inner = shape_entries(node.inputs[0])
-        return inner if inner is not None and len(inner) == 1 else None
-    if op == "Reshape":  # a scalar or 1-element vector to [-1] / [1] (dynamo's sym_size)
-        target = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
-        if target is None or target.reshape(-1).tolist() not in ([-1], [1]):
-            return None
-        inner = shape_entries(node.inputs[0])
-        return inner if inner is not None and len(inner) == 1 else None
-    if op == "Concat":
-        if node.attributes.get_int("axis", 0) not in (0, -1):
-            return None
-        out: list[tuple] = []
-        for part in node.inputs:
-            entries = shape_entries(part)
-            if entries is None:
-                return None
-            out.extend(entries)
-        return out
-    source = shape_entries(node.inputs[0])
-    if source is None:
-        return None
-    if op == "Gather":
-        index = constant_array(node.inputs[1])
-        if index is None or node.attributes.get_int("axis", 0) != 0 or index.ndim > 1:
-            return None
-        try:
-            return [source[int(i)] for i in index.reshape(-1)]
-        except IndexError:
-            return None
-    # Slice
-    starts, ends = constant_array(node.inputs[1]), constant_array(node.inputs[2])
-    axes = constant_array(node.inputs[3]) if len(node.inputs) > 3 else None
-    steps = constant_array(node.inputs[4]) if len(node.inputs) > 4 else None
-    if starts is None or ends is None or starts.size != 1 or ends.size != 1:
-        return None
-    if axes is not None and int(axes.reshape(-1)[0]) not in (0, -1):
-        return None
-    if steps is not None and int(steps.reshape(-1)[0]) != 1:
-        return None
-    n = len(source)
-    start, end = (int(np.clip(int(v.reshape(-1)[0]), -n - 1, n + 1)) for v in (starts, ends))
-    return source[slice(start, end)]
-
-
 # -- chains ----------------------------------------------------------------------------
 
 
@@ -355,40 +274,113 @@ def walk_forward(tracker: LayoutTracker, value: ir.Value, target: Layout) -> lis
 
 @dataclass
 class Projection:
-    """``y = MatMul(x, weight) [+ bias]``: how Q, K and V are computed from the hidden states."""
+    """``y = MatMul(x, weight) [+ bias]``: how Q, K and V are computed from the hidden states.
+
+    Or one block of columns of a packed projection, ``Split(MatMul(x, weight) [+ bias])``
+    [+ bias]: ``fuse_packed_matmuls`` writes Q/K/V that way (its bias Adds after the Split),
+    and so does a module with one ``in_proj`` weight (its bias before the Split). Then
+    ``columns`` are this projection's columns of ``weight`` (and of ``bias`` when
+    ``bias_packed``), and ``split`` / a packed ``add`` are shared with its siblings.
+    """
 
     x: ir.Value
     weight: ir.Value
     bias: ir.Value | None
     matmul: ir.Node
     add: ir.Node | None
+    split: ir.Node | None = None
+    columns: slice | None = None
+    bias_packed: bool = False
 
     @property
     def nodes(self) -> list[ir.Node]:
-        return [self.matmul] + ([self.add] if self.add is not None else [])
+        after = (self.add, self.split) if self.bias_packed else (self.split, self.add)
+        return [self.matmul, *(n for n in after if n is not None)]
+
+    def weight_array(self) -> np.ndarray | None:
+        """This projection's constant weight ([E_in, E]), else None."""
+        array = constant_array(self.weight)
+        return array if array is None or self.columns is None else array[..., self.columns]
+
+    def bias_array(self) -> np.ndarray | None:
+        """This projection's constant bias, else None (also when there is none)."""
+        array = constant_array(self.bias)
+        if array is None or not self.bias_packed or self.columns is None:
+            return array
+        return array[..., self.columns]
+
+
+def projection_nodes(projections: list[Projection]) -> list[ir.Node]:
+    """The nodes of ``projections``, each once (packed ones share their MatMul and Split)."""
+    return list(dict.fromkeys(n for p in projections for n in p.nodes))
 
 
 def match_projection(value: ir.Value) -> Projection | None:
-    """``value = MatMul(x, W) + bias`` (either Add order) or ``MatMul(x, W)``; else None."""
+    """``value = MatMul(x, W) + bias`` (either Add order) or ``MatMul(x, W)``, either of them
+    possibly one block of a packed projection's ``Split``; else None."""
     add = producer(value, "Add")
-    bias = None
-    matmul = None
     if add is not None:
         for a, b in (add.inputs, add.inputs[::-1]):
-            mm = producer(a, "MatMul")
-            if mm is not None and b is not None and producer(b, "MatMul") is None:
-                matmul, bias = mm, b
-                break
-        if matmul is None:
-            return None
-    else:
-        matmul = producer(value, "MatMul")
-        if matmul is None:
-            return None
-    x, weight = matmul.inputs
-    if x is None or weight is None:
+            found = _product(a)
+            if found is not None and b is not None and _product(b) is None:
+                if found.bias is not None:
+                    return None  # a bias on each side of the Split: not a plain projection
+                found.add, found.bias = add, b
+                return found
         return None
-    return Projection(x, weight, bias, matmul, add)
+    return _product(value)
+
+
+def _product(value: ir.Value | None) -> Projection | None:
+    """``MatMul(x, W)``, or a block of ``Split(MatMul(x, W) [+ bias], axis=-1)`` (bias-less
+    when not packed: the caller adds the projection's own)."""
+    split = producer(value, "Split")
+    columns = None
+    if split is not None:
+        columns = _split_columns(split, split.outputs.index(value))
+        value = split.inputs[0]
+        if columns is None:
+            return None
+    add = producer(value, "Add") if split is not None else None
+    bias = None
+    if add is not None:
+        for a, b in (add.inputs, add.inputs[::-1]):
+            if producer(a, "MatMul") is not None and b is not None:
+                value, bias = a, b
+                break
+        else:
+            return None
+    matmul = producer(value, "MatMul")
+    if matmul is None or matmul.inputs[0] is None or matmul.inputs[1] is None:
+        return None
+    x, weight = matmul.inputs
+    if split is not None and not _columns_fit(weight, split):
+        return None
+    return Projection(x, weight, bias, matmul, add, split, columns, bias_packed=add is not None)
+
+
+def _split_columns(split: ir.Node, index: int) -> slice | None:
+    """The columns output ``index`` of a last-axis ``Split`` takes (explicit sizes only)."""
+    data = split.inputs[0]
+    axis = split.attributes.get_int("axis", 0)
+    rank = None if data is None or data.shape is None else len(data.shape)
+    if axis != -1 and (rank is None or axis != rank - 1):
+        return None
+    sizes = split.attributes.get_ints("split", None)
+    if sizes is None and len(split.inputs) > 1:
+        array = constant_array(split.inputs[1])
+        sizes = None if array is None else [int(v) for v in array.reshape(-1)]
+    if sizes is None or len(sizes) != len(split.outputs) or min(sizes) < 1:
+        return None
+    start = sum(sizes[:index])
+    return slice(start, start + sizes[index])
+
+
+def _columns_fit(weight: ir.Value, split: ir.Node) -> bool:
+    """Whether the Split's blocks tile the weight's last axis exactly."""
+    width = dim_size(weight, -1)
+    total = _split_columns(split, len(split.outputs) - 1)
+    return isinstance(width, int) and total is not None and total.stop == width
 
 
 # -- masks -----------------------------------------------------------------------------

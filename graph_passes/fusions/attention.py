@@ -37,6 +37,10 @@ is packed as zeros); otherwise ``MultiHeadAttention`` on the projected q, k, v. 
 one thread, noisy shared machine) the two were within noise of each other (ratios 0.86-1.07
 either way across batch 1-4, sequence 32-128); ``contrib_op="MultiHeadAttention"`` forces MHA.
 
+Q/K/V already packed, ``Split(X @ [Wq|Wk|Wv] [+ b])`` [+ bq ...] (what ``fuse_packed_matmuls``
+writes, or a module with one ``in_proj`` weight), are read as column blocks of that weight, so
+the fusion does not depend on which of the two passes ran first.
+
 Checks (each rejection is logged with its reason): Softmax over the last axis; every
 Reshape/Transpose on the way proven to produce the exact head layout (so head count and size
 must agree with the projections' width, see ``_attention_match``); scale factors are
@@ -59,13 +63,12 @@ import onnx_ir as ir
 from graph_passes.base import (
     NON_DETERMINISTIC_OPS,
     can_replace,
-    constant_array,
     is_standard,
     replace_value,
 )
 from graph_passes.fusion import Emits, ExpectedRow, Fusion
 from graph_passes.fusions import _attention_match as am
-from graph_passes.shapes import infer_shapes
+from graph_passes.shapes import SHAPE_OPS, infer_shapes
 from graph_passes.target.targets import CONTRIB_DOMAIN
 
 logger = logging.getLogger(__name__)
@@ -240,7 +243,7 @@ class FuseAttention(Fusion):
                     raise Rejected("mask bias is not proven to come from a 2-D attention mask")
             packed = self.contrib_op == "Attention" and self._packable(m)
             if packed:  # the projections must be private too; else MultiHeadAttention
-                projections = [n for p in m["projections"] for n in p.nodes]
+                projections = am.projection_nodes(m["projections"])
                 try:
                     self._private(projections + m["core"], out)
                 except Rejected as exc:
@@ -307,7 +310,7 @@ class FuseAttention(Fusion):
         no uses on the graph's values.
         """
         out = m["out"]
-        projections = [n for p in m["projections"] for n in p.nodes]
+        projections = am.projection_nodes(m["projections"])
         vetted, reasons = [], []
         for build in builds:
             candidate = build(m, mask, scale)
@@ -342,8 +345,8 @@ class FuseAttention(Fusion):
         return best
 
     def _packable(self, m: dict) -> bool:
-        weights = [constant_array(p.weight) for p in m["projections"]]
-        biases = [None if p.bias is None else constant_array(p.bias) for p in m["projections"]]
+        weights = [p.weight_array() for p in m["projections"]]
+        biases = [p.bias_array() for p in m["projections"]]
         width = m["heads"] * m["head"]
         if any(w is None or w.ndim != 2 or w.shape[1] != width for w in weights):
             return False
@@ -387,12 +390,12 @@ class FuseAttention(Fusion):
 
     def _packed(self, m: dict, mask: am.MaskBias | None, scale: list) -> tuple:
         projections = m["projections"]
-        weights = [constant_array(p.weight) for p in projections]
+        weights = [p.weight_array() for p in projections]
         stem = m["root"].name or m["out"].name or "attention"
         w = ir.Value(name=f"{stem}_qkv_weight", const_value=ir.tensor(np.concatenate(weights, 1)))
         # ORT's CPU Attention kernel requires the bias input: absent ones are zeros.
         zeros = np.zeros(weights[0].shape[1], weights[0].dtype)
-        biases = [zeros if p.bias is None else constant_array(p.bias) for p in projections]
+        biases = [zeros if p.bias is None else p.bias_array() for p in projections]
         bias = ir.Value(name=f"{stem}_qkv_bias", const_value=ir.tensor(np.concatenate(biases)))
         inits = [w, bias]
         for value in inits:
@@ -404,7 +407,7 @@ class FuseAttention(Fusion):
             attrs.append(ir.AttrFloat32("mask_filter_value", mask.fill))
         inputs = [m["x"], w, bias] + ([mask_value] if mask is not None else [])
         node = ir.Node(CONTRIB_DOMAIN, "Attention", inputs, attrs, name=f"{stem}_Attention")
-        removed = [n for p in projections for n in p.nodes] + m["core"]
+        removed = am.projection_nodes(projections) + m["core"]
         return node, removed, inits
 
     def _mha(self, m: dict, mask: am.MaskBias | None, scale: list) -> tuple:
@@ -548,7 +551,7 @@ def _shape_closure(start: ir.Node, pattern: set[ir.Node]) -> list[ir.Node] | Non
         node = stack.pop()
         if node in seen:
             continue
-        if not am.is_op(node, *am.SHAPE_OPS) or node.outputs[0].is_graph_output():
+        if not am.is_op(node, *SHAPE_OPS) or node.outputs[0].is_graph_output():
             return None
         seen.append(node)
         for use in node.outputs[0].uses():

@@ -14,7 +14,8 @@ other node reads are dropped. ORT's optimizer and onnxruntime-genai's builder pa
 same way for their attention ops.
 
 It waits until every other pass is done (``after_fixed_point``): an attention fusion that only
-matches in a later iteration would otherwise find q/k/v already packed.
+matches in a later iteration would otherwise find q/k/v already packed (``fuse_attention``
+reads packed q/k/v too; the decoder attention fusions do not).
 
 Checks: each weight is a constant 2-D tensor of one float type with the same K (rows);
 ``x`` is the same value (not merely an equal one); two or more MatMuls. Runs after the

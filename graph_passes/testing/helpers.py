@@ -19,6 +19,20 @@ def model_from_text(text: str) -> ir.Model:
     return ir.from_proto(onnx.parser.parse_model(text))
 
 
+def dynamo_sizes(source: str) -> str:
+    """ONNX text for ``batch`` and ``seq`` (``[1]`` each), dims 0 and 1 of ``source`` read the
+    way the dynamo exporter without its optimizer reads sizes, ``Reshape(Squeeze(Shape(x)[i:
+    i+1]), [-1])`` (ONNX's data propagation stops at that Reshape); the graph must hold an
+    ``int64[1] minus_one = {-1}``."""
+    return f"""
+  b0 = Shape <start = 0, end = 1> ({source})
+  b = Squeeze(b0)
+  batch = Reshape(b, minus_one)
+  s0 = Shape <start = 1, end = 2> ({source})
+  s = Squeeze(s0)
+  seq = Reshape(s, minus_one)"""
+
+
 def apply_pass(pass_: GraphPass, model: ir.Model) -> tuple[ir.Model, ir.passes.PassResult]:
     """Run ``pass_`` on a clone of ``model``; the original is left untouched for parity."""
     candidate = model.clone()

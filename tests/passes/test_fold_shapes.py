@@ -8,7 +8,14 @@ import onnx_ir as ir
 import pytest
 
 from graph_passes.cleanup.fold_shapes import FoldShapes
-from graph_passes.testing.helpers import apply_pass, assert_parity, check, model_from_text, op_list
+from graph_passes.testing.helpers import (
+    apply_pass,
+    assert_parity,
+    check,
+    dynamo_sizes,
+    model_from_text,
+    op_list,
+)
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
 
@@ -212,3 +219,29 @@ g (float[2, N] q, int64[1] k) => (float[2, N] y) {
     cast = next(n for n in out.graph if n.op_type == "Cast")
     assert cast.attributes.get_int("to") == ir.DataType.FLOAT.value
     assert cast.outputs[0].name == "c"
+
+
+def test_dim_proven_by_a_computed_reshape_target_folds():
+    """The dynamo exporter (optimize=False) splits heads with ``Reshape(x, Concat(batch,
+    seq, -1, D))``, each size read as ``Reshape(Squeeze(Shape(x)[i:i+1]), [-1])``. ONNX's
+    data propagation stops at that Reshape, so the -1 (the head count) stays unknown to it;
+    ``infer_shapes`` proves it (B * S * 8 / (B * S * 4) = 2, graph_passes/shapes.py), and the
+    head count read back with ``Gather(Shape(q), 1)`` folds. The sequence read stays."""
+    _, out, modified = run(
+        """
+g (float[B, S, 8] x) => (float[B, 2, S, 4] y, int64[1] seq_len)
+  <int64[1] minus_one = {-1}, int64[1] one = {1}, int64[1] two = {2}, int64[1] four = {4}> {
+{sizes}
+  target = Concat <axis = 0> (batch, seq, minus_one, four)
+  r = Reshape(x, target)
+  q = Transpose <perm = [0, 2, 1, 3]> (r)
+  shape = Shape(q)
+  heads = Gather <axis = 0> (shape, one)
+  h = Cast <to = 1> (heads)
+  y = Div(q, h)
+  seq_len = Gather <axis = 0> (shape, two)
+}""".replace("{sizes}", dynamo_sizes("x"))
+    )
+    assert modified
+    assert folded(out.graph) == {"heads_folded": [2]}
+    assert "Gather" in op_list(out)  # the sequence length is dynamic

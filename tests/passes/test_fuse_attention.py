@@ -13,6 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from graph_passes.fusions.attention import FuseAttention
+from graph_passes.fusions.packed_matmuls import FusePackedMatMuls
 from graph_passes.target.targets import Target
 from graph_passes.testing.helpers import apply_pass, assert_parity, check, op_list
 
@@ -131,12 +132,22 @@ def attention(
     weight = "wq_in" if tweak == "input_weight" else None
     if weight:
         g.inputs.append(helper.make_tensor_value_info("wq_in", TensorProto.FLOAT, [E, E]))
-    q_proj = g.projection(x, "q", weight)
+    if tweak == "in_proj":  # one [E, 3E] weight and bias, then Split (nn.MultiheadAttention)
+        w = g.const(g.rng.standard_normal((E, 3 * E)).astype(np.float32) * 0.3)
+        b = g.const(g.rng.standard_normal(3 * E).astype(np.float32) * 0.1)
+        packed = g.op("Add", [g.op("MatMul", [x, w]), b])
+        projected = ["q_proj", "k_proj", "v_proj"]
+        sizes = g.const(np.array([E, E, E], np.int64))
+        g.nodes.append(helper.make_node("Split", [packed, sizes], projected, axis=-1))
+        q_proj, k_proj, v_proj = projected
+    else:
+        q_proj = g.projection(x, "q", weight)
+        k_proj, v_proj = g.projection(x_kv, "k"), g.projection(x_kv, "v")
     if tweak == "q_proj_output":
         g.outputs.append(helper.make_tensor_value_info(q_proj, TensorProto.FLOAT, None))
     q = g.heads(q_proj, *split)
-    k = g.heads(g.projection(x_kv, "k"), *split)
-    v = g.heads(g.projection(x_kv, "v"), *split)
+    k = g.heads(k_proj, *split)
+    v = g.heads(v_proj, *split)
     qh = g.op("Transpose", [q], perm=[0, 2, 1, 3])
     vh = g.op("Transpose", [v], perm=[0, 2, 1, 3])
     alpha = scale if scale is not None else 1.0 / math.sqrt(D)
@@ -234,6 +245,38 @@ def test_multi_head_attention_keeps_projections(style: str) -> None:
     ]
     node = fused_node(candidate)
     assert node.inputs[3] is None and node.inputs[4].dtype == ir.DataType.INT32
+
+
+@pytest.mark.parametrize("style", ["eager", "dynamo"])
+@pytest.mark.parametrize("contrib_op", ["Attention", "MultiHeadAttention"])
+def test_projections_packed_first_still_fuse(style: str, contrib_op: str) -> None:
+    """fuse_packed_matmuls writes Q/K/V as Split(X @ [Wq|Wk|Wv]) + bq, bk, bv: attention
+    still fuses, whichever of the two passes ran first, to the same packed weight."""
+    model = attention(style, "where")
+    packer = FusePackedMatMuls(Target("cpu"))
+    packed, _ = apply_pass(packer, model)
+    assert packer.matches == 1 and op_list(packed).count("Split") == 1
+    candidate, _ = run(packed, contrib_op=contrib_op)
+    if contrib_op == "MultiHeadAttention":  # the projections stay as they are
+        assert op_list(candidate) == [
+            "Relu", "MatMul", "Split", "Add", "Add", "Add", "Cast", "MultiHeadAttention", "Relu"
+        ]  # fmt: skip
+        return
+    assert op_list(candidate) == ["Relu", "Cast", "Attention", "Relu"]
+    direct, _ = run(model)
+    for i in (1, 2):  # the same weight and bias as fusing before packing
+        np.testing.assert_array_equal(
+            fused_node(candidate).inputs[i].const_value.numpy(),
+            fused_node(direct).inputs[i].const_value.numpy(),
+        )
+    assert len(candidate.graph.initializers) == 2  # the packed weight and widths are gone
+
+
+def test_in_proj_packed_weight_and_bias_fuse() -> None:
+    """One [E, 3E] weight and bias split into Q/K/V (bias before the Split)."""
+    candidate, _ = run(attention("sdpa", "mul", tweak="in_proj"))
+    assert op_list(candidate) == ["Relu", "Cast", "Attention", "Relu"]
+    assert fused_node(candidate).inputs[1].const_value.numpy().shape == (E, 3 * E)
 
 
 def test_non_default_scale_is_written() -> None:
