@@ -18,10 +18,12 @@ Three sources, one module, because every fusion that must prove a shape asks all
   refuses. The rules are the ops' documented output shapes, in the input's own symbols:
 
     SkipLayerNormalization, SkipSimplifiedLayerNormalization, BiasGelu, FastGelu, Gelu,
-    QuickGelu, BiasAdd                     output 0 = input 0's shape
+    QuickGelu, BiasAdd                     output 0 = input 0's shape (and the Skip norms'
+                                           residual sum, output 3, too)
     Attention (packed QKV, no qkv_hidden_sizes)   [B, S, W / 3]   (W: weights' last dim)
     MultiHeadAttention (3D query)          [B, S, V]  (V: 3D value's last dim, or H * D of a
                                            4D (B, H, T, D) value)
+    MatMulNBits                            input 0's shape with the last dim N (attribute)
 
 - ``symbolic_dims``: ONNX Runtime's symbolic shape inference, for what ONNX's own inference
   loses (shapes computed at run time); used by fusions that must prove shapes (SkipLayerNorm's
@@ -72,6 +74,8 @@ def output_shape(node: ir.Node) -> ir.Shape | None:
         return None
     if node.op_type in SAME_SHAPE_OPS:
         return ir.Shape(first)
+    if node.op_type == "MatMulNBits" and first and "N" in node.attributes:
+        return ir.Shape([*first[:-1], node.attributes.get_int("N")])
     if len(first) != 3:
         return None
     if node.op_type == "Attention" and "qkv_hidden_sizes" not in node.attributes:
@@ -88,19 +92,23 @@ def output_shape(node: ir.Node) -> ir.Shape | None:
 
 
 def propagate(model: ir.Model) -> int:
-    """Set the first-output shape of every contrib node that lacks one; returns how many."""
+    """Set the shapes of contrib nodes' outputs that lack one (see the module docstring);
+    returns how many were set."""
     count = 0
     for graph in model.graphs():
         for node in graph:
-            out = node.outputs[0] if node.outputs else None
-            if out is None or out.shape is not None:
-                continue
-            shape = output_shape(node)
-            if shape is not None:
-                out.shape = shape
-                if out.type is None:  # every op here returns its first input's dtype
-                    out.type = node.inputs[0].type
-                count += 1
+            outputs = [node.outputs[0]] if node.outputs else []
+            if node.op_type.startswith("Skip") and len(node.outputs) > 3:
+                outputs.append(node.outputs[3])  # the residual sum: input 0's shape
+            for out in outputs:
+                if out is None or out.shape is not None:
+                    continue
+                shape = output_shape(node)
+                if shape is not None:
+                    out.shape = shape
+                    if out.type is None:  # every op here returns its first input's dtype
+                        out.type = node.inputs[0].type
+                    count += 1
     return count
 
 

@@ -463,7 +463,7 @@ def optimize(
         str,
         typer.Option(
             metavar="NAME",
-            help="affine (float block offsets kept, see int4_affine) | rtn | hqq | gptq (int4).",
+            help="affine (block offsets kept, see int4_affine) | rtn | hqq | gptq (int4).",
         ),
     ] = "affine",
     max_perplexity_increase: Annotated[

@@ -1,4 +1,4 @@
-"""int4 weight-only with float block offsets, at MatMulNBits speed (``--int4-algorithm affine``).
+"""int4 weight-only that keeps grid weights, at MatMulNBits speed (``--int4-algorithm affine``).
 
 Each block of ``block_size`` rows (along K, per output column) of a MatMul weight ``W[K, N]``
 is stored as::
@@ -7,16 +7,25 @@ is stored as::
                              z = round(-min / d)  (MatMulNBits' uint4 zero point)
                              r = min + z * d      (what an integer zero point cannot carry)
 
-so ``A @ W = MatMulNBits(A; q, d, z) + (A @ S) @ R``: ``S[K, K/block]`` sums each block of A
-(ones where row k is in block b), ``R[K/block, N]`` holds the ``r`` of every block. Both are
-small float MatMuls (``K/block`` columns / rows); MatMuls that read the same activation share
-``A @ S``, and no rank of A is needed.
+so ``A @ W = A @ (d * (q - z)) + (A @ S) @ R``, with ``S[K, K/block]`` summing each block of A
+and ``R[K/block, N]`` holding every block's ``r``. Both terms are one MatMulNBits: the block
+sums are appended to A as extra columns (``Concat(A, A @ S)``, shared by every MatMul that
+reads A) and R's rows to the weight as extra blocks, quantized symmetrically with their own
+scales. R is small (``|r| <= d / 2``), so its rounding (at most ``max |r| / 14`` per entry) is
+~15x below the bias an integer zero point alone leaves.
 
 Why not ORT's RTN with uint4 zero points alone: it shifts every weight of a block by ``r``
 (up to ``d/2``, all the same way), a bias that grows with K. On SmolLM2-135M (its weights come
 from a Q4_1 GGUF, so they sit exactly on this grid) that is perplexity +25.1% and top-1
-agreement 0.715 on held-out text; with ``r`` carried, +0.5% and 0.972 (docs/benchmarks.md).
-Float zero points (HQQ's format) would be exact too but take MatMulNBits' slow path.
+agreement 0.715 on held-out text; with ``r`` carried, +0.7% and 0.961 (docs/benchmarks.md).
+Float zero points (HQQ's format) would be exact too but take MatMulNBits' slow path, and
+carrying R in a separate MatMul + Add per weight (this module's first form) cost ~20% of the
+decode step in node overhead.
+
+8-bit blocks (``eight_bit_nodes``, and the int8 weight-only tier) are symmetric: ``w = d * (q -
+128)``, ``d = max |w| / 127``. Zero is on that grid, so rounding errors do not share a sign
+within a block and need no offsets; and GGUF's Q8_0 (how SmolLM2's tied embedding is stored)
+is exactly this grid.
 """
 
 from __future__ import annotations
@@ -32,15 +41,20 @@ CONTRIB = "com.microsoft"
 
 def quantize_block(w: np.ndarray, block: int, bits: int = 4) -> tuple[np.ndarray, ...]:
     """``(q [K/block, block, N] uint8, d [K/block, N], z [K/block, N], r [K/block, N])`` with
-    ``w == d * (q - z) + r`` up to rounding to the grid (exact for weights already on it)."""
+    ``w == d * (q - z) + r`` up to rounding to the grid (exact for weights already on it).
+
+    The grid spans the block's min and max, widened to include 0 when the block is one-signed
+    (so ``z`` needs no clipping and ``|r| <= d / 2``); a block that straddles 0, as every block
+    of a trained model's Q4_1 weights does, keeps its own grid exactly."""
     k, n = w.shape
     top = 2**bits - 1
     blocks = w.reshape(k // block, block, n).astype(np.float32)
-    low, high = blocks.min(axis=1), blocks.max(axis=1)
+    low = np.minimum(blocks.min(axis=1), 0)
+    high = np.maximum(blocks.max(axis=1), 0)
     d = (high - low) / top
-    d = np.where(d > 0, d, np.float32(1.0))  # a constant block: q = 0, r carries it
+    d = np.where(d > 0, d, np.float32(1.0))  # an all-zero block: q = z = 0
     q = np.clip(np.rint((blocks - low[:, None]) / d[:, None]), 0, top).astype(np.uint8)
-    z = np.clip(np.rint(-low / d), 0, top)
+    z = np.rint(-low / d)
     r = low + z * d
     return q, d.astype(np.float32), z.astype(np.uint8), r.astype(np.float32)
 
@@ -55,6 +69,23 @@ def _pack(values: np.ndarray, bits: int) -> np.ndarray:
     return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
 
 
+def symmetric_blocks(w: np.ndarray, block: int, bits: int) -> tuple[np.ndarray, ...]:
+    """``(q [K/block, block, N] uint8, d [K/block, N], z [K/block, N])`` on the symmetric grid
+    ``w = d * (q - z)``, ``z = 2**(bits-1)``, ``d = max |w| / (z - 1)``."""
+    k, n = w.shape
+    middle = 2 ** (bits - 1)
+    blocks = w.reshape(k // block, block, n).astype(np.float32)
+    d = np.abs(blocks).max(axis=1) / (middle - 1)
+    d = np.where(d > 0, d, np.float32(1.0)).astype(np.float32)
+    q = np.clip(np.rint(blocks / d[:, None]), -middle, middle - 1) + middle
+    return q.astype(np.uint8), d, np.full(d.shape, middle, np.uint8)
+
+
+def offset_rows(blocks: int, block: int) -> int:
+    """Rows appended to K for ``blocks`` block sums: whole blocks of their own."""
+    return blocks + (-blocks) % block
+
+
 def lower(
     model: onnx.ModelProto,
     *,
@@ -67,54 +98,62 @@ def lower(
 
     Eligible: a float32 2-D constant weight (an initializer, or ``Transpose`` of one: a tied
     ``lm_head`` reads the embedding that way) with K a multiple of ``block_size``. Nodes in
-    ``eight_bit_nodes`` get 8-bit blocks (same scheme, 256 levels): for weights that 4 bits
-    would round too much, at a quarter of fp32's bytes.
+    ``eight_bit_nodes`` get symmetric 8-bit blocks: for weights that 4 bits would round too
+    much, at a quarter of fp32's bytes.
     """
     graph = _Graph(model)
     excluded = set(exclude_nodes)
     nodes: list[onnx.NodeProto] = []
     added: list[onnx.TensorProto] = []
     lowered: list[str] = []
-    sums: dict[tuple[str, int], str] = {}  # (activation, K) -> its block sums
+    widened: dict[tuple[str, int], str] = {}  # (activation, K) -> Concat(A, its block sums)
     for node in model.graph.node:
         weight = graph.constant_weight(node.input[1]) if node.op_type == "MatMul" else None
         if weight is None or node.name in excluded or weight.shape[0] % block_size:
             nodes.append(node)
             continue
         k, n = weight.shape
-        bits = 8 if node.name in eight_bit_nodes else 4
-        q, d, z, r = quantize_block(weight, block_size, bits)
         stem = f"{node.name or node.output[0]}_affine4"
-        x, y = node.input[0], node.output[0]
+        x = node.input[0]
+        if node.name in eight_bit_nodes:
+            bits, rows = 8, k
+            q, d, z = symmetric_blocks(weight, block_size, bits)
+        else:
+            bits = 4
+            q, d, z, r = quantize_block(weight, block_size, bits)
+            extra = offset_rows(k // block_size, block_size)
+            rows = k + extra
+            r = np.concatenate([r, np.zeros((extra - len(r), n), np.float32)])
+            q_r, d_r, z_r = symmetric_blocks(r, block_size, bits)
+            q, d, z = np.concatenate([q, q_r]), np.concatenate([d, d_r]), np.concatenate([z, z_r])
+            if (x, k) not in widened:
+                widened[x, k] = f"{stem}_widened"
+                sums = np.repeat(np.eye(k // block_size, extra, dtype=np.float32), block_size, 0)
+                added.append(numpy_helper.from_array(sums, f"{stem}_blocks"))
+                nodes += [
+                    helper.make_node("MatMul", [x, f"{stem}_blocks"], [f"{stem}_sums"]),
+                    helper.make_node("Concat", [x, f"{stem}_sums"], [f"{stem}_widened"], axis=-1),
+                ]
+            x = widened[x, k]
         added += [
             numpy_helper.from_array(_pack(q.transpose(2, 0, 1), bits), f"{stem}_q"),
             numpy_helper.from_array(d.T.reshape(-1), f"{stem}_scales"),
             numpy_helper.from_array(_pack(z.T, bits), f"{stem}_zp"),
-            numpy_helper.from_array(r, f"{stem}_offsets"),
         ]
         nodes.append(
             helper.make_node(
                 "MatMulNBits",
                 [x, f"{stem}_q", f"{stem}_scales", f"{stem}_zp"],
-                [f"{stem}_grid"],
+                [node.output[0]],
                 name=node.name,
                 domain=CONTRIB,
-                K=k,
+                K=rows,
                 N=n,
                 bits=bits,
                 block_size=block_size,
                 accuracy_level=accuracy_level,
             )
         )
-        if (x, k) not in sums:
-            sums[x, k] = f"{stem}_sums"
-            indicator = np.repeat(np.eye(k // block_size, dtype=np.float32), block_size, axis=0)
-            added.append(numpy_helper.from_array(indicator, f"{stem}_blocks"))
-            nodes.append(helper.make_node("MatMul", [x, f"{stem}_blocks"], [f"{stem}_sums"]))
-        nodes += [
-            helper.make_node("MatMul", [sums[x, k], f"{stem}_offsets"], [f"{stem}_shift"]),
-            helper.make_node("Add", [f"{stem}_grid", f"{stem}_shift"], [y]),
-        ]
         lowered.append(node.name)
         graph.release(node.input[1])
     model.graph.ClearField("node")

@@ -68,7 +68,7 @@ TIERS: dict[str, Tier] = {
         # big weights); HQQ int4 measured 3.5x SLOWER than fp32 on CPU, so it is a candidate
         # like any other: built, measured, and chosen only when faster within budget.
         Tier("int4", 0.02, weight_only_bits=4),
-        # int8 weight-only: MatMulNBits with 8-bit affine blocks (int4_affine's scheme); a
+        # int8 weight-only: MatMulNBits with symmetric 8-bit blocks (int4_affine's); a
         # quarter of fp32's weight bytes with activations kept float, for models bound by
         # weight bandwidth (decoders at batch 1) where int4 loses too much.
         Tier("int8-weight-only", 0.01, weight_only_bits=8),
@@ -334,15 +334,15 @@ def remove_redundant_casts(graph: onnx.GraphProto) -> int:
 
 
 # MatMulNBits computes with int8 activations (per block) at accuracy_level 4, the fast
-# kernel; the offsets keep grid weights exact, so the activation rounding is what is left
-# (SmolLM2-135M: perplexity +0.8%, decode 2.6x the fp32 export, docs/benchmarks.md).
+# kernel; the offsets keep grid weights (to their own rounding), so the activation rounding
+# is what is left (SmolLM2-135M: perplexity +0.7%, docs/benchmarks.md).
 AFFINE_ACCURACY_LEVEL = 4
 
 
 def int8_weight_only(
     model: onnx.ModelProto, *, block_size: int, exclude_nodes: Sequence[str]
 ) -> onnx.ModelProto:
-    """Weight-only 8-bit ``MatMulNBits`` (affine blocks) for MatMuls with constant weights."""
+    """Weight-only 8-bit ``MatMulNBits`` (symmetric blocks) for MatMuls with constant weights."""
     from pipeline.quantization import int4_affine
 
     every = [n.name for n in model.graph.node if n.op_type == "MatMul"]
