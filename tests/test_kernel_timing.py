@@ -311,8 +311,8 @@ def slower(monkeypatch, tmp_path):
     def fake(original, candidate, threads, shadows):
         for op, ratio in ratios.items():
             if f"|{op}[" in "|" + candidate.signature:
-                return ratio, 9, kernel_timing._verdict([ratio] * 9)
-        return 0.8, 9, "faster"
+                return ratio, 9, kernel_timing._verdict([ratio] * 9), 0.0
+        return 0.8, 9, "faster", 0.0
 
     monkeypatch.setattr(kernel_timing, "_measure", fake)
     return ratios
@@ -475,7 +475,7 @@ def test_the_original_side_runs_without_the_ort_fusions_the_fusion_shadows(
 
     def fake(original, candidate, threads, shadows):
         seen.append(tuple(shadows))
-        return 0.8, 9, "faster"
+        return 0.8, 9, "faster", 0.0
 
     monkeypatch.setattr(kernel_timing, "_measure", fake)
     text = {

@@ -531,7 +531,7 @@ def _clean_measurement(
     ``undecided``, ``ATTEMPTS``) when none of them is clean (see the module doc)."""
     quietest = None
     for attempt in range(1, ATTEMPTS + 1):
-        outcome = _outcome(_measure(original, candidate, threads, shadows))
+        outcome = _measure(original, candidate, threads, shadows)
         ratio, _, verdict, noise = outcome
         if ratio is None or _clean(verdict, noise):
             return outcome, attempt
@@ -547,15 +547,6 @@ def _clean_measurement(
 def _clean(verdict: str, noise: float) -> bool:
     """Noise below the margin, or a verdict decisive despite it (the module doc says why)."""
     return noise < MARGIN or verdict in ("faster", "slower")
-
-
-def _outcome(measured: tuple) -> tuple:
-    """``_measure``'s answer as (ratio, rounds, verdict, noise); a 3-tuple (the fakes of
-    tests that decide by op type) is a measurement without noise."""
-    if len(measured) == 3:
-        ratio, rounds, verdict = measured
-        return ratio, rounds, verdict, None if ratio is None else 0.0
-    return tuple(measured)
 
 
 def _measure(original: _Cut, candidate: _Cut, threads: int, shadows: Sequence[str]):

@@ -151,7 +151,7 @@ def test_residual_fusion_on_a_timed_target(monkeypatch, tmp_path):
 
     def faster(original, candidate, threads, shadows):
         timed.append(shadows)
-        return 0.8, 9, "faster"
+        return 0.8, 9, "faster", 0.0
 
     monkeypatch.setattr(kernel_timing, "_measure", faster)
     _, out, _ = run(graph(opset=17, **RESIDUAL), Target("cpu", time_kernels=True))

@@ -87,7 +87,7 @@ def test_measured_slower_is_declined(monkeypatch, tmp_path):
 
     def slower(original, candidate, threads, shadows):
         seen.append(tuple(shadows))
-        return 1.4, 9, kernel_timing._verdict([1.4] * 9)
+        return 1.4, 9, kernel_timing._verdict([1.4] * 9), 0.0
 
     monkeypatch.setattr(kernel_timing, "_measure", slower)
     ops, pass_ = run(graph("s = Sigmoid(x)\n  y = Mul(x, s)"), Target("cpu", time_kernels=True))

@@ -101,21 +101,21 @@ def test_dims_not_proven_equal_are_left(second):
     assert matches == 0 and counts(candidate)["Shape"] == 2
 
 
-def _tmp():
-    import tempfile
-    from pathlib import Path
+@pytest.fixture(scope="module")
+def llama_path(tmp_path_factory):
+    """One tiny Llama export (optimum, the real SmolLM2 export's graph) for this module."""
+    from models.llama import export_tiny
 
-    return Path(tempfile.mkdtemp(prefix="llama-share-"))
+    return export_tiny(tmp_path_factory.mktemp("llama"))
 
 
-def test_a_llama_export_cuts_its_mask_once():
+def test_a_llama_export_cuts_its_mask_once(llama_path):
     """optimum's Llama export slices the causal mask to the key length in every layer; after
     the pass and CSE one chain is left, with the decoder outputs unchanged on prefill, cached,
     left-padded and past+new cases."""
-    from models.llama import export_tiny
     from tests.passes.test_fuse_llama_decoder import assert_decoder_parity
 
-    export = ir.load(export_tiny(_tmp()))
+    export = ir.load(llama_path)
     before = counts(export)
     candidate, matches = share(export)
     after = counts(candidate)
@@ -132,16 +132,15 @@ def test_two_unknown_dims_are_not_the_same_dim():
     assert matches == 0 and counts(candidate)["Shape"] == 2
 
 
-def test_it_waits_until_the_fusions_are_done():
+def test_it_waits_until_the_fusions_are_done(llama_path):
     """Shared chains hide each layer's head-split shape arithmetic from the attention cache
     fusion (on SmolLM2 its rotary fusion only matched in a later iteration, after the sharing,
     and all 30 KV cache Concats stayed outside): so the pass manager runs it only once the
     other passes stop changing the model."""
     from graph_passes.registry import create_pass
     from graph_passes.target.targets import Target
-    from models.llama import export_tiny
 
-    model = ir.load(export_tiny(_tmp()))
+    model = ir.load(llama_path)
 
     def apply(name: str) -> int:
         graph_pass = create_pass(name, Target("cpu"))
