@@ -127,6 +127,8 @@ def infer_shapes(model: ir.Model, *, refresh: bool = False) -> None:
     rewrite the nodes downstream would keep stale ``unk__`` symbols and no two of them could
     be proven equal.
     """
+    if not refresh and model.meta.get(_INFERRED) == _fingerprint(model):
+        return  # nothing it reads has changed since the last call: it would find nothing
     if refresh:
         for graph in model.graphs():
             for node in graph:
@@ -146,7 +148,32 @@ def infer_shapes(model: ir.Model, *, refresh: bool = False) -> None:
         _forget_downstream(refined, blank)
         crossed = propagate(model) if refresh else 0
         if not refined and not crossed:
-            return
+            break
+    model.meta[_INFERRED] = _fingerprint(model)
+
+
+_INFERRED = "graph_passes.shapes.inferred"  # model.meta key: the fingerprint last inferred
+
+
+def _fingerprint(model: ir.Model) -> tuple:
+    """What shape inference reads, cheaply: the opsets, each graph's inputs with their shapes,
+    each node (op, attributes' identity, input and output values) and which outputs still
+    lack a shape. Most passes change nothing, and each of them asks for shapes; an
+    unchanged fingerprint spares a whole inference (several ONNX rounds with ``refine``)."""
+    parts: list = [tuple(sorted(model.opset_imports.items()))]
+    for graph in model.graphs():
+        parts.append(tuple((id(v), str(v.shape)) for v in graph.inputs))
+        for node in graph:
+            parts.append(
+                (
+                    id(node),
+                    node.op_type,
+                    tuple(id(a) for a in node.attributes.values()),
+                    tuple(id(v) for v in node.inputs),
+                    tuple((id(v), v.shape is None) for v in node.outputs),
+                )
+            )
+    return tuple(parts)
 
 
 def _forget_downstream(values: list[ir.Value], blank: set[ir.Value]) -> None:

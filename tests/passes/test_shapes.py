@@ -150,3 +150,33 @@ g (float[B, S, 8] x) => (float[?, ?, ?, ?] y, float[?, ?, ?] z, float[?, ?, ?] w
     assert shapes["h"] == ["B", "S", "2", "4"]  # B * S * 8 / (B * 2 * 4)
     assert shapes["m"] == ["B", "S", "8"]
     assert shapes["o"][0] == "B" and shapes["o"][1].startswith("unk__")  # 2 * S: no symbol
+
+
+def test_an_unchanged_model_is_not_inferred_again(monkeypatch):
+    """Most passes change nothing and each asks for shapes: the second call on the same graph
+    runs no inference; a cleared shape or a new node makes the next call infer again."""
+    import graph_passes.shapes as shapes
+
+    model = model_from_text(
+        """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4] x) => (float[N, 4] y) {
+  a = Relu(x)
+  y = Neg(a)
+}"""
+    )
+    rounds = []
+    real = shapes._onnx_inference
+    monkeypatch.setattr(shapes, "_onnx_inference", lambda m: (rounds.append(1), real(m)))
+    infer_shapes(model)
+    first = len(rounds)
+    infer_shapes(model)
+    assert first >= 1 and len(rounds) == first
+    relu = next(n for n in model.graph if n.op_type == "Relu")
+    relu.outputs[0].shape = None
+    infer_shapes(model)
+    assert len(rounds) > first and relu.outputs[0].shape is not None
+    count = len(rounds)
+    extra = ir.Node("", "Abs", [relu.outputs[0]])
+    model.graph.append(extra)
+    infer_shapes(model)
+    assert len(rounds) > count and extra.outputs[0].shape is not None
