@@ -127,8 +127,9 @@ def infer_shapes(model: ir.Model, *, refresh: bool = False) -> None:
     rewrite the nodes downstream would keep stale ``unk__`` symbols and no two of them could
     be proven equal.
     """
-    if not refresh and model.meta.get(_INFERRED) == _fingerprint(model):
-        return  # nothing it reads has changed since the last call: it would find nothing
+    last = model.meta.get(_INFERRED)
+    if last is not None and last[0] == _fingerprint(model) and (last[1] or not refresh):
+        return  # nothing it reads changed since a call at least as thorough: nothing to find
     if refresh:
         for graph in model.graphs():
             for node in graph:
@@ -149,10 +150,11 @@ def infer_shapes(model: ir.Model, *, refresh: bool = False) -> None:
         crossed = propagate(model) if refresh else 0
         if not refined and not crossed:
             break
-    model.meta[_INFERRED] = _fingerprint(model)
+    model.meta[_INFERRED] = (_fingerprint(model), refresh)
 
 
-_INFERRED = "graph_passes.shapes.inferred"  # model.meta key: the fingerprint last inferred
+# model.meta key: (the fingerprint last inferred, whether that call refreshed)
+_INFERRED = "graph_passes.shapes.inferred"
 
 
 def _fingerprint(model: ir.Model) -> tuple:

@@ -180,3 +180,26 @@ g (float[N, 4] x) => (float[N, 4] y) {
     model.graph.append(extra)
     infer_shapes(model)
     assert len(rounds) > count and extra.outputs[0].shape is not None
+
+
+def test_a_refresh_is_skipped_only_after_a_refresh(monkeypatch):
+    """A refresh after a plain call infers again (the plain call may have kept stale
+    symbols); a second refresh of the same graph does not."""
+    import graph_passes.shapes as shapes
+
+    model = model_from_text(
+        """<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4] x) => (float[N, 4] y) {
+  y = Relu(x)
+}"""
+    )
+    rounds = []
+    real = shapes._onnx_inference
+    monkeypatch.setattr(shapes, "_onnx_inference", lambda m: (rounds.append(1), real(m)))
+    infer_shapes(model)
+    plain = len(rounds)
+    infer_shapes(model, refresh=True)
+    refreshed = len(rounds)
+    infer_shapes(model, refresh=True)
+    infer_shapes(model)
+    assert plain < refreshed == len(rounds)
