@@ -8,7 +8,7 @@ splits heads, rotates in 4D, appends to the cache and merges heads around the fu
              v4 = Transpose<0,2,1,3>(Reshape(v3, [B, S, Hkv, D]))
              present_k = Concat<axis=2>(past_k, k4)      present_v = Concat<axis=2>(past_v, v4)
              y4 = Attention<scale>(q4, present_k, present_v, mask)
-             y  = Reshape(Transpose<0,2,1,3>(y4), [B, S, H*D])       (NaN guard on y4 kept)
+             y  = Reshape(Transpose<0,2,1,3>(y4), [B, S, H*D])       (a NaN guard on y4 moves to y)
     after:   y, present_k, present_v = Attention<scale, q_num_heads=H, kv_num_heads=Hkv>(
                  RotaryEmbedding<num_heads=H>(q3, cos, sin),
                  RotaryEmbedding<num_heads=Hkv>(k3, cos, sin), v3, mask, past_k, past_v)

@@ -39,8 +39,10 @@ intermediate is private to the pattern and no graph output.
 Which op: MultiHeadAttention when ``self.target`` allows contrib ops and ``supports`` the node
 (ORT CPU/CUDA). Otherwise (target ``portable``), from opset 23 the standard ``Attention``
 takes the 4D ``q4``, key, value and the bias as ``attn_mask`` and replaces the scores ..
-``MatMul(p, v)`` core only (q's head split and the merge stay around it; ORT 1.31's CPU
-kernel returns 0 for fully masked rows, the guard keeps that 0 for runtimes that give NaN).
+``MatMul(p, v)`` core only (q's head split and the merge stay around it). ORT 1.31's CPU
+kernel returns 0 for fully masked rows itself: for a ``cpu`` target, where that is probed
+(``Target.zeroes_fully_masked_attention``), the guard goes (two nodes per layer, ~3% of a
+SmolLM2 int4 decode step); elsewhere it stays, for runtimes that give NaN.
 Below opset 23 such matches are counted in ``blocked`` and left as they are.
 
 Grouped-query attention (Llama, Mistral, SmolLM: ``Hkv`` KV heads shared by groups of
@@ -376,7 +378,8 @@ class FuseDecoderAttention(Fusion):
             std = ir.Node("", "Attention", std_inputs, std_attrs)
             for shape_node, kv in m.rewire:  # same dims but the head count, which none reads
                 shape_node.replace_input_with(0, kv)
-            self._replace(graph, m.heads_out, std, m.core, m.zero)
+            zeroed = self.target.zeroes_fully_masked_attention  # then the guard is identity
+            self._replace(graph, m.heads_out, std, m.core, None if zeroed else m.zero)
             kind = "Attention"
         else:
             self.blocked += self.declined == declined

@@ -84,6 +84,14 @@ class Target:
         """Whether com.microsoft ops may be emitted at all."""
         return self.name != "portable"
 
+    @property
+    def zeroes_fully_masked_attention(self) -> bool:
+        """Whether the standard ``Attention`` (opset 23) returns 0, not NaN, for a query row
+        whose every key is masked, with a boolean or an additive ``-inf`` mask: then the NaN
+        guard an SDPA export puts on such rows is an identity after it. Probed on ORT's CPU
+        kernel for a ``cpu`` target (ORT 1.31: 0); not known elsewhere, so False."""
+        return self.name == "cpu" and _attention_zeroes_fully_masked_rows()
+
     def supports(self, node: ir.Node) -> bool:
         """Whether this target can run ``node`` (a node a fusion is about to emit).
 
@@ -210,4 +218,39 @@ def _has_cpu_kernel(key: tuple, model_bytes: bytes) -> bool:
     except Exception as exc:  # noqa: BLE001 - no kernel, unknown op, or wrong input types
         logger.info("%s.%s with input types %s cannot run on CPU: %s", *key[:3], exc)
         return False
+    return True
+
+
+@functools.cache
+def _attention_zeroes_fully_masked_rows() -> bool:
+    """Run Attention-23 once per mask kind on a row with every key masked: all zeros?"""
+    import numpy as np
+    import onnxruntime as ort
+
+    helper, tensor = onnx.helper, onnx.TensorProto
+    rng = np.random.default_rng(0)
+    qkv = {name: rng.standard_normal((1, 1, 2, 4)).astype(np.float32) for name in "qkv"}
+    masks = {
+        tensor.BOOL: np.array([[[[False, False], [True, True]]]]),
+        tensor.FLOAT: np.array([[[[-np.inf, -np.inf], [0.0, 0.0]]]], np.float32),
+    }
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    for kind, mask in masks.items():
+        graph = helper.make_graph(
+            [helper.make_node("Attention", ["q", "k", "v", "mask"], ["y"])],
+            "probe",
+            [helper.make_tensor_value_info(n, tensor.FLOAT, [1, 1, 2, 4]) for n in "qkv"]
+            + [helper.make_tensor_value_info("mask", kind, [1, 1, 2, 2])],
+            [helper.make_tensor_value_info("y", tensor.FLOAT, [1, 1, 2, 4])],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10)
+        try:
+            session = open_session(model.SerializeToString(), options)
+            (y,) = session.run(None, {**qkv, "mask": mask})
+        except Exception as exc:  # noqa: BLE001 - no kernel: the guard stays
+            logger.info("Attention-23 probe failed: %s", exc)
+            return False
+        if not np.array_equal(y[0, 0, 0], np.zeros(4, np.float32)):
+            return False
     return True
