@@ -22,10 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 
 from pipeline import lm_quality
-from pipeline.runtime.sessions import create_session
+from pipeline.runtime.sessions import session_from_file
 
 WINDOWS = 8  # windows of LENGTH tokens scored per candidate (~2000 predictions)
 LENGTH = 256
@@ -132,8 +131,7 @@ class LmEvaluator:
         self.reference = self._score(fp32_path)
 
     def _score(self, path: Path) -> lm_quality.Scores:
-        session = create_session(ir.load(path), optimization="all")
-        return lm_quality.score(session, self.windows)
+        return lm_quality.score(session_from_file(path, optimization="all"), self.windows)
 
     def measure(self, model_path: str | Path) -> LmAccuracy:
         quality = lm_quality.compare(self.reference, self._score(Path(model_path)))
