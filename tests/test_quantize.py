@@ -189,6 +189,41 @@ def test_int4_matmul_nbits(tmp_path, algorithm):
     assert run(tmp_path / "q4.onnx", feeds(1)[0])[0].shape == (4, 32)
 
 
+@pytest.mark.parametrize("precision", ["int4", "int8-dynamic"])
+def test_a_large_model_is_staged_with_external_data(tmp_path, monkeypatch, precision):
+    """Above ``EXTERNAL_DATA_ABOVE`` the stage writes its files one tensor at a time into a
+    data file (no whole-proto serialization, one copy of the weights less in memory): the
+    result is the same model as when every file is written whole."""
+    from pipeline.quantization import stage
+
+    src = mlp(tmp_path / "mlp.onnx")
+    options = QuantizeOptions(precision)
+    whole = quantize_model(src, tmp_path / "whole.onnx", options, reference_feeds=feeds())
+    monkeypatch.setattr(stage, "EXTERNAL_DATA_ABOVE", 0)
+    split = quantize_model(src, tmp_path / "split.onnx", options, reference_feeds=feeds())
+    assert (tmp_path / "split.onnx.data").is_file() and not (tmp_path / "whole.onnx.data").exists()
+    assert split.accuracy == whole.accuracy
+    x = feeds(1, seed=9)[0]
+    assert np.array_equal(run(tmp_path / "split.onnx", x)[0], run(tmp_path / "whole.onnx", x)[0])
+
+
+def test_a_large_write_streams_its_tensors_to_a_data_file(tmp_path, monkeypatch):
+    from pipeline.quantization import stage
+
+    model = onnx.load(str(mlp(tmp_path / "mlp.onnx")))
+    weights = [numpy_helper.to_array(i) for i in model.graph.initializer]
+    assert not stage._write(model, tmp_path / "small" / "m.onnx")
+    monkeypatch.setattr(stage, "EXTERNAL_DATA_ABOVE", 0)
+    assert stage._write(model, tmp_path / "large" / "m.onnx")
+    assert (tmp_path / "large" / "m.onnx.data").is_file()
+    assert not (tmp_path / "small" / "m.onnx.data").exists()
+    for folder in ("small", "large"):
+        saved = onnx.load(str(tmp_path / folder / "m.onnx")).graph
+        assert saved.node == model.graph.node
+        for tensor, want in zip(saved.initializer, weights, strict=True):
+            assert np.array_equal(numpy_helper.to_array(tensor), want)
+
+
 def test_int4_gptq_needs_calibration_and_runs_with_it(tmp_path):
     src = mlp(tmp_path / "mlp.onnx")
     result = quantize_model(

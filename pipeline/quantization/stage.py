@@ -288,21 +288,30 @@ def samples_for(
     return samples
 
 
-def _write(model: onnx.ModelProto, path: Path) -> None:
-    """Atomic save; external data beside the model when over 2 GB."""
+# Above this a model the stage writes goes with its tensors in a data file beside it, one
+# tensor at a time: onnx.save would first serialize the whole proto, one more copy of the
+# weights in memory (540 MB for SmolLM2-135M).
+EXTERNAL_DATA_ABOVE = 256 * 2**20
+
+
+def _write(model: onnx.ModelProto, path: Path) -> bool:
+    """Atomic save; whether ``model`` was large (``EXTERNAL_DATA_ABOVE``): then its tensors
+    went to ``NAME.data`` beside it and their bytes OUT of ``model`` (read it again from
+    ``path`` to use its weights)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-quant-", suffix=".onnx", dir=path.parent)
     os.close(fd)
     try:
-        large = model.ByteSize() > 2**31 - 1
+        large = model.ByteSize() > EXTERNAL_DATA_ABOVE
     except Exception:
         large = True
     if large:
-        data = path.name + ".data"
-        onnx.save(model, tmp, save_as_external_data=True, location=data)
+        (path.parent / f"{path.name}.data").unlink(missing_ok=True)  # onnx.save appends
+        onnx.save(model, tmp, save_as_external_data=True, location=f"{path.name}.data")
     else:
         onnx.save(model, tmp)
     os.replace(tmp, path)
+    return large
 
 
 def _name_nodes(model: onnx.ModelProto) -> int:
@@ -394,7 +403,10 @@ def _quantize_tier(
     if tier.int8 and options.smooth_alpha is not None:
         model = _smoothed(model, options.smooth_alpha, samples, notes)
     prepared = tmp / "prepared.onnx"
-    _write(model, prepared)
+    if _write(model, prepared):
+        # a fresh message frees the old one's memory (clearing fields does not); only static
+        # calibration reads the weights through ``model`` (the proxy ranking reloads them)
+        model = onnx.load(str(prepared), load_external_data=tier.calibrated)
     isa = choose_int8_types()
     activation_type = (
         isa.activation_type if options.activation_type == "auto" else options.activation_type
@@ -546,7 +558,8 @@ def _quantize_tier(
 
         def proxy() -> list[tuple[str, float]]:
             lowered_full = onnx.load(str(full.path)) if static else None
-            return guard.sensitivity(model, lowered_full, quantized, samples.decision, scheme)
+            fp32 = onnx.load(str(prepared))
+            return guard.sensitivity(fp32, lowered_full, quantized, samples.decision, scheme)
 
         ranking, how = exclusions.measured_ranking(quantized, only, proxy)
         limit = max(1, int(len(ranking) * MAX_EXCLUDED_FRACTION))
