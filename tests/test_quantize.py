@@ -189,7 +189,7 @@ def test_int4_matmul_nbits(tmp_path, algorithm):
     assert run(tmp_path / "q4.onnx", feeds(1)[0])[0].shape == (4, 32)
 
 
-@pytest.mark.parametrize("precision", ["int4", "int8-dynamic"])
+@pytest.mark.parametrize("precision", ["int4", "int8-dynamic", "int8-static"])
 def test_a_large_model_is_staged_with_external_data(tmp_path, monkeypatch, precision):
     """Above ``EXTERNAL_DATA_ABOVE`` the stage writes its files one tensor at a time into a
     data file (no whole-proto serialization, one copy of the weights less in memory): the
