@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 
 from pipeline import lm_quality
-from pipeline.runtime.sessions import session_from_file
+from pipeline.runtime.sessions import create_session
 
 WINDOWS = 8  # windows of LENGTH tokens scored per candidate (~2000 predictions)
 LENGTH = 256
@@ -131,7 +131,8 @@ class LmEvaluator:
         self.reference = self._score(fp32_path)
 
     def _score(self, path: Path) -> lm_quality.Scores:
-        return lm_quality.score(session_from_file(path, optimization="all"), self.windows)
+        # from the file: no Python copy of a large model's weights
+        return lm_quality.score(create_session(Path(path), optimization="all"), self.windows)
 
     def measure(self, model_path: str | Path) -> LmAccuracy:
         quality = lm_quality.compare(self.reference, self._score(Path(model_path)))

@@ -224,38 +224,31 @@ def open_session(
 
 
 def create_session(
-    model: ir.Model,
+    model: ir.Model | Path,
     *,
     optimization: str = "disable_all",
     providers: list[str] | None = None,
     intra_op_threads: int | None = None,
 ) -> Session:
-    """Create an ONNX Runtime session for ``model`` (CPU unless providers are given)."""
+    """Create an ONNX Runtime session for ``model`` (CPU unless providers are given).
+
+    ``model`` may be a file: ONNX Runtime then reads it (and its external data) itself, with
+    no Python copy of the weights, where a loaded model handed over as serialized bytes
+    briefly holds three (the model, the proto and the bytes: 1.6 GB beside ORT's own for
+    SmolLM2-135M)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = OPT_LEVELS[optimization]
     options.log_severity_level = 3
     if intra_op_threads is not None:
         options.intra_op_num_threads = intra_op_threads
     start = time.perf_counter()
-    if has_external_tensors(model):
+    if isinstance(model, Path):
+        inner = open_session(model, options, providers)
+    elif has_external_tensors(model):
         with model_on_disk(model) as path:
             inner = open_session(path, options, providers)
     else:
         inner = open_session(opaque_types.to_proto(model).SerializeToString(), options, providers)
-    return Session(inner, time.perf_counter() - start)
-
-
-def session_from_file(path: Path, *, optimization: str = "disable_all") -> Session:
-    """A CPU session that ONNX Runtime reads from ``path`` (and its external data) itself.
-
-    For a model already on disk this makes no Python copy of the weights, where loading it
-    and handing over the serialized bytes (``create_session``) briefly holds three: the
-    loaded model, the proto and the bytes (1.6 GB beside ORT's own for SmolLM2-135M)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = OPT_LEVELS[optimization]
-    options.log_severity_level = 3
-    start = time.perf_counter()
-    inner = open_session(Path(path), options)
     return Session(inner, time.perf_counter() - start)
 
 
