@@ -34,12 +34,16 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from pipeline.runtime.proto_size import message_tensor_bytes
+
 logger = logging.getLogger(__name__)
 
 MIN_QDQ_OPSET = 13
 MASK_LIMIT = 1e30  # constants at or beyond this magnitude (or infinite) are mask sentinels
 MASK_CLAMP = 1e4
-_TWO_GB = 2**31 - 1
+# tensor bytes above which a message goes through a file with external data: protobuf
+# serializes nothing of 2 GB or more, and the graph's structure needs room beside the tensors
+_LARGE_MESSAGE = 1_900_000_000
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -116,10 +120,7 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
     """Symbolic (contrib-aware) then ONNX shape inference; a failure is a note, not an error."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    try:
-        large = model.ByteSize() > _TWO_GB
-    except Exception:  # protobuf refuses to size messages beyond 2 GB on some builds
-        large = True
+    large = message_tensor_bytes(model) > _LARGE_MESSAGE
     with tempfile.TemporaryDirectory(prefix="ovo-quant-pre-") as tmp:
         target = Path(tmp) / "pre.onnx"
         attempts = (

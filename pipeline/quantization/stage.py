@@ -42,6 +42,7 @@ from pipeline.quantization.lm_guard import (
     is_causal_lm,
 )
 from pipeline.runtime import progress
+from pipeline.runtime.proto_size import message_tensor_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -301,10 +302,7 @@ def _write(model: onnx.ModelProto, path: Path) -> bool:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-quant-", suffix=".onnx", dir=path.parent)
     os.close(fd)
-    try:
-        large = model.ByteSize() > EXTERNAL_DATA_ABOVE
-    except Exception:
-        large = True
+    large = message_tensor_bytes(model) > EXTERNAL_DATA_ABOVE
     if large:
         (path.parent / f"{path.name}.data").unlink(missing_ok=True)  # onnx.save appends
         onnx.save(model, tmp, save_as_external_data=True, location=f"{path.name}.data")
