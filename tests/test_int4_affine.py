@@ -118,9 +118,9 @@ def test_a_weight_whose_k_is_not_a_block_multiple_is_left():
     assert names == []
 
 
-def test_shared_activation_and_a_transposed_weight():
-    """Two MatMuls on one activation share its block sums; a weight read as Transpose of an
-    initializer (a tied lm_head reads the embedding so) is lowered and the Transpose goes."""
+def tied_model() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    """Two MatMuls on one activation, one reading its weight as Transpose of an initializer
+    that a Gather reads too (an LM's tied embedding and lm_head); and the two weights."""
     w, e = q4_1_weight(4), q4_1_weight(5).T.copy()  # e: (N, K), used as e^T
     graph = helper.make_graph(
         [
@@ -138,6 +138,13 @@ def test_shared_activation_and_a_transposed_weight():
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(e, "e")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return model, w, e
+
+
+def test_shared_activation_and_a_transposed_weight():
+    """Two MatMuls on one activation share its block sums; a weight read as Transpose of an
+    initializer (a tied lm_head reads the embedding so) is lowered and the Transpose goes."""
+    model, w, e = tied_model()
     lowered, names = int4_affine.lower(model, block_size=BLOCK, accuracy_level=0)
     ops = [n.op_type for n in lowered.graph.node]
     assert names == ["a", "b"] and "Transpose" not in ops
@@ -150,6 +157,30 @@ def test_shared_activation_and_a_transposed_weight():
     assert np.abs(np.asarray(out["z"]) - x @ e.T).max() < 0.02 * scale
     assert np.abs(np.asarray(out["y"]) - x @ w).max() < 0.02 * scale
     assert np.array_equal(np.asarray(out["g"]), e[[0, 3]])
+
+
+def test_weights_left_on_disk_are_read_one_at_a_time_and_stay_there(tmp_path):
+    """A model loaded without its external data (a large one) is lowered reading each weight
+    from ``weights_dir``; the initializer it leaves alone (the embedding the Gather reads)
+    stays a reference to the data file, and the result is the in-memory lowering's."""
+    on_disk, _, _ = tied_model()  # onnx.save moves its tensors out of the message
+    onnx.save(on_disk, tmp_path / "m.onnx", save_as_external_data=True, size_threshold=0)
+    structure = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    lazy, names = int4_affine.lower(
+        structure, block_size=BLOCK, accuracy_level=0, weights_dir=tmp_path
+    )
+    eager, _ = int4_affine.lower(tied_model()[0], block_size=BLOCK, accuracy_level=0)
+    assert names == ["a", "b"]
+    kept = {i.name: i for i in lazy.graph.initializer}
+    assert kept["e"].data_location == TensorProto.EXTERNAL
+    assert all(i.data_location != TensorProto.EXTERNAL for n, i in kept.items() if n != "e")
+    onnx.save(lazy, tmp_path / "lowered.onnx")  # beside the data file it still reads
+    reloaded = onnx.load(str(tmp_path / "lowered.onnx"))
+    assert reloaded.graph.node == eager.graph.node
+    want = {i.name: numpy_helper.to_array(i) for i in eager.graph.initializer}
+    got = {i.name: numpy_helper.to_array(i) for i in reloaded.graph.initializer}
+    assert want.keys() == got.keys()
+    assert all(np.array_equal(got[name], want[name]) for name in want)
 
 
 def test_eight_bit_blocks_for_chosen_nodes():

@@ -189,15 +189,25 @@ def test_int4_matmul_nbits(tmp_path, algorithm):
     assert run(tmp_path / "q4.onnx", feeds(1)[0])[0].shape == (4, 32)
 
 
-@pytest.mark.parametrize("precision", ["int4", "int8-dynamic", "int8-static"])
-def test_a_large_model_is_staged_with_external_data(tmp_path, monkeypatch, precision):
+@pytest.mark.parametrize(
+    ("precision", "algorithm"),
+    [
+        ("int4", "affine"),
+        ("int4", "rtn"),
+        ("int8-weight-only", "affine"),
+        ("int8-dynamic", "affine"),
+        ("int8-static", "affine"),
+    ],
+)
+def test_a_large_model_is_staged_with_external_data(tmp_path, monkeypatch, precision, algorithm):
     """Above ``EXTERNAL_DATA_ABOVE`` the stage writes its files one tensor at a time into a
-    data file (no whole-proto serialization, one copy of the weights less in memory): the
-    result is the same model as when every file is written whole."""
+    data file (no whole-proto serialization, one copy of the weights less in memory), and the
+    weight-only tiers read the weights from it one at a time: the result is the same model as
+    when every file is written whole."""
     from pipeline.quantization import stage
 
     src = mlp(tmp_path / "mlp.onnx")
-    options = QuantizeOptions(precision)
+    options = QuantizeOptions(precision, int4_algorithm=algorithm)
     whole = quantize_model(src, tmp_path / "whole.onnx", options, reference_feeds=feeds())
     monkeypatch.setattr(stage, "EXTERNAL_DATA_ABOVE", 0)
     split = quantize_model(src, tmp_path / "split.onnx", options, reference_feeds=feeds())

@@ -31,6 +31,7 @@ is exactly this grid.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -93,6 +94,7 @@ def lower(
     accuracy_level: int,
     exclude_nodes: Sequence[str] = (),
     eight_bit_nodes: Sequence[str] = (),
+    weights_dir: Path | None = None,
 ) -> tuple[onnx.ModelProto, list[str]]:
     """``model`` with each eligible MatMul lowered (in place); the lowered nodes' names.
 
@@ -100,8 +102,13 @@ def lower(
     ``lm_head`` reads the embedding that way) with K a multiple of ``block_size``. Nodes in
     ``eight_bit_nodes`` get symmetric 8-bit blocks: for weights that 4 bits would round too
     much, at a quarter of fp32's bytes.
+
+    ``weights_dir``: where ``model``'s external data lies when it was loaded without it. Each
+    weight is then read from disk as it is lowered, and the initializers left alone stay
+    references to that data (the lowered model must be saved into the same folder): a large
+    model's fp32 weights are never all in memory at once.
     """
-    graph = _Graph(model)
+    graph = _Graph(model, weights_dir)
     excluded = set(exclude_nodes)
     nodes: list[onnx.NodeProto] = []
     added: list[onnx.TensorProto] = []
@@ -169,7 +176,8 @@ def lower(
 class _Graph:
     """What ``lower`` reads of the model: constant weights, and readers left."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, weights_dir: Path | None) -> None:
+        self.weights_dir = "" if weights_dir is None else str(weights_dir)
         self.initializers = {i.name: i for i in model.graph.initializer}
         self.producers = {out: n for n in model.graph.node for out in n.output}
         self.readers: dict[str, int] = {}
@@ -192,7 +200,7 @@ class _Graph:
                 init = source
         if init is None or init.data_type != onnx.TensorProto.FLOAT or len(init.dims) != 2:
             return None
-        array = numpy_helper.to_array(init)
+        array = numpy_helper.to_array(init, self.weights_dir)
         return array if init.name == name else array.T
 
     def release(self, name: str) -> None:

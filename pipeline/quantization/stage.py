@@ -498,17 +498,21 @@ def _quantize_tier(
         elif tier.weight_only_bits == 4:
             reader = reader_factory(None) if reader_factory is not None else None
             lowered = tiers.int4(
-                onnx.load(str(prepared)),
+                onnx.load(str(prepared), load_external_data=False),
                 block_size=options.int4_block_size,
                 algorithm=options.int4_algorithm,
                 symmetric=options.symmetric_weights,
                 exclude_nodes=excluded,
                 reader=reader,
+                weights_dir=prepared.parent,
             )
             _write(lowered, target)
         elif tier.weight_only_bits == 8:
             lowered = tiers.int8_weight_only(
-                onnx.load(str(prepared)), block_size=options.int4_block_size, exclude_nodes=excluded
+                onnx.load(str(prepared), load_external_data=False),
+                block_size=options.int4_block_size,
+                exclude_nodes=excluded,
+                weights_dir=prepared.parent,
             )
             _write(lowered, target)
         else:  # pragma: no cover - validated in QuantizeOptions

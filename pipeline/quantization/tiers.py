@@ -340,9 +340,14 @@ AFFINE_ACCURACY_LEVEL = 4
 
 
 def int8_weight_only(
-    model: onnx.ModelProto, *, block_size: int, exclude_nodes: Sequence[str]
+    model: onnx.ModelProto,
+    *,
+    block_size: int,
+    exclude_nodes: Sequence[str],
+    weights_dir: Path | None = None,
 ) -> onnx.ModelProto:
-    """Weight-only 8-bit ``MatMulNBits`` (symmetric blocks) for MatMuls with constant weights."""
+    """Weight-only 8-bit ``MatMulNBits`` (symmetric blocks) for MatMuls with constant weights;
+    ``weights_dir`` as in ``int4_affine.lower``."""
     from pipeline.quantization import int4_affine
 
     every = [n.name for n in model.graph.node if n.op_type == "MatMul"]
@@ -352,6 +357,7 @@ def int8_weight_only(
         accuracy_level=AFFINE_ACCURACY_LEVEL,
         exclude_nodes=exclude_nodes,
         eight_bit_nodes=every,
+        weights_dir=weights_dir,
     )
     return lowered
 
@@ -364,8 +370,11 @@ def int4(
     symmetric: bool,
     exclude_nodes: Sequence[str],
     reader: CalibrationDataReader | None,
+    weights_dir: Path | None = None,
 ) -> onnx.ModelProto:
-    """Weight-only 4-bit ``MatMulNBits`` for MatMuls with constant weights."""
+    """Weight-only 4-bit ``MatMulNBits`` for MatMuls with constant weights; ``model`` may come
+    without its external data from ``weights_dir`` (``affine`` reads one weight at a time,
+    ORT's quantizers get them all loaded)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         GPTQWeightOnlyQuantConfig,
@@ -382,8 +391,11 @@ def int4(
             accuracy_level=AFFINE_ACCURACY_LEVEL,
             exclude_nodes=exclude_nodes,
             eight_bit_nodes=int4_affine.output_projections(model),
+            weights_dir=weights_dir,
         )
         return lowered
+    if weights_dir is not None:
+        onnx.load_external_data_for_model(model, str(weights_dir))
     if algorithm == "rtn":
         config = DefaultWeightOnlyQuantConfig(
             block_size=block_size, is_symmetric=symmetric, op_types_to_quantize=("MatMul",)
