@@ -548,7 +548,14 @@ def test_entropy_calibration_survives_float_min_masks(tmp_path):
         assert guard.row_cosines(reference, got).mean() > 0.98
 
 
-def test_entropy_on_a_mask_model_end_to_end(tmp_path):
+@pytest.mark.parametrize("staged", [False, True])
+def test_entropy_on_a_mask_model_end_to_end(tmp_path, monkeypatch, staged):
+    """Also when the stage keeps a large model's weights on disk: static calibration reads
+    them (the mask constant is found and clamped only if they were loaded)."""
+    from pipeline.quantization import stage
+
+    if staged:
+        monkeypatch.setattr(stage, "EXTERNAL_DATA_ABOVE", 0)
     src = mask_model(tmp_path / "mask.onnx")
     result = quantize_model(
         src,
@@ -558,6 +565,8 @@ def test_entropy_on_a_mask_model_end_to_end(tmp_path):
         calibration_feeds=_mask_feeds(),
     )
     assert result.within_budget, result.summary
+    assert any("mask constant(s)" in note and "fmin" in note for note in result.notes)
+    assert (tmp_path / "q.onnx.data").is_file() == staged
 
 
 def test_isa_choice_from_flags():

@@ -305,7 +305,9 @@ def _write(model: onnx.ModelProto, path: Path) -> bool:
     large = message_tensor_bytes(model) > EXTERNAL_DATA_ABOVE
     if large:
         (path.parent / f"{path.name}.data").unlink(missing_ok=True)  # onnx.save appends
-        onnx.save(model, tmp, save_as_external_data=True, location=f"{path.name}.data")
+        onnx.save(
+            model, tmp, save_as_external_data=True, location=f"{path.name}.data", size_threshold=0
+        )
     else:
         onnx.save(model, tmp)
     os.replace(tmp, path)
