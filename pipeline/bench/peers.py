@@ -233,7 +233,9 @@ def prepare_model(path: Path, workdir: Path) -> ModelCase:
 def _save_proto(proto, dst: Path) -> None:
     import onnx
 
-    if proto.ByteSize() > 1_800_000_000:
+    from pipeline.runtime.proto_size import message_tensor_bytes
+
+    if message_tensor_bytes(proto) > 1_800_000_000:
         onnx.save(proto, str(dst), save_as_external_data=True, location=dst.name + ".data")
     else:
         onnx.save(proto, str(dst))
