@@ -638,6 +638,29 @@ def test_auto_measures_every_candidate_and_keeps_the_fastest_within_budget(tmp_p
     assert run(tmp_path / "auto.onnx", feeds(1, batch=32)[0])[0].shape == (32, 32)
 
 
+def test_auto_keeps_a_large_candidate_with_its_data_file(tmp_path, monkeypatch):
+    """A candidate of a large model (weights in a data file beside it) that wins is written
+    out whole: its data is read where it was written."""
+    from types import SimpleNamespace
+
+    from pipeline.quantization import stage
+    from pipeline.runtime import timing
+
+    monkeypatch.setattr(stage, "EXTERNAL_DATA_ABOVE", 0)
+    monkeypatch.setattr(
+        timing,
+        "compare_latency",
+        lambda *a, **k: SimpleNamespace(ratio=0.5, noise=0.01, verdict="faster"),
+    )
+    src = mlp(tmp_path / "mlp.onnx")
+    result = quantize_model(
+        src, tmp_path / "auto.onnx", QuantizeOptions("auto"), reference_feeds=feeds()
+    )
+    assert result.precision != "fp32", result.candidates
+    x = feeds(1, seed=9)[0]
+    assert run(tmp_path / "auto.onnx", x)[0].shape == run(src, x)[0].shape
+
+
 def test_auto_prefers_the_most_accurate_of_candidates_tied_on_speed():
     from pipeline.quantization.stage import _pick
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -774,9 +773,9 @@ def _auto(fp32_path, out_path, options, metric, samples: data.Samples) -> Quanti
             entry.update(latency_ratio=latency.ratio, noise=latency.noise)
             entry["verdict"] = latency.verdict if result.within_budget else "over budget"
             if result.within_budget and latency.verdict == "faster":
-                keep = Path(tmp_root) / f"eligible-{index}.onnx"
-                shutil.copyfile(path, keep)
-                eligible.append((result, keep, entry))
+                # its folder is its own until the end, data file included (a copy of the
+                # .onnx alone would lose a large model's weights)
+                eligible.append((result, path, entry))
             candidates.append(entry)
         if not eligible:
             chosen = _quantize_tier(
