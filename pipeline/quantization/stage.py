@@ -461,6 +461,8 @@ def _quantize_tier(
         ]
 
     def make(excluded: list[str]) -> Path:
+        # beside ``prepared``: a weight-only candidate still reads the weights it left alone
+        # from prepared's data file
         target = tmp / f"candidate-{next(counter)}.onnx"
         if tier.int8 and not tier.calibrated:
             tiers.int8_dynamic(
