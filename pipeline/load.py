@@ -22,13 +22,11 @@ import onnx_ir as ir
 
 from pipeline.runtime import opaque_types, scratch_weights
 from pipeline.runtime.errors import UserError
+from pipeline.runtime.proto_size import ONE_MESSAGE_LIMIT
 from pipeline.runtime.scratch_weights import ScratchWeights
 
 logger = logging.getLogger(__name__)
 
-# Above this many bytes of tensor data a model is saved with external data: a single
-# protobuf cannot exceed 2 GiB, and a margin keeps graph + attributes under the limit.
-EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
 MIN_IR_VERSION = 4
 # Keys in the main graph's ``meta`` (copied by Model.clone, never serialized).
 DECLARED_VALUE_INFO = "declared_value_info"
@@ -287,7 +285,7 @@ def save_model(
         for v in g.initializers.values()
     )
     if external_data is None:
-        external_data = has_external or tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
+        external_data = has_external or tensor_bytes(model) >= ONE_MESSAGE_LIMIT
     if not external_data and has_external:
         ir.external_data.load_to_model(model)  # or the file would point at the input's data
     previous_data = _own_data_files(path)

@@ -69,3 +69,15 @@ def test_it_is_the_bulk_of_what_the_serialized_message_holds():
     size = message_tensor_bytes(model)
     assert size == 4 * 256 * 256 * 4
     assert 0 < model.ByteSize() - size < 2_000
+
+
+def test_one_message_holds_tensors_below_the_limit_only(monkeypatch):
+    from pipeline.runtime import proto_size
+
+    model, held = _model()
+    size = sum(len(t.raw_data) for t in held)
+    assert proto_size.fits_one_message(model)
+    monkeypatch.setattr(proto_size, "ONE_MESSAGE_LIMIT", size)
+    assert not proto_size.fits_one_message(model)
+    monkeypatch.setattr(proto_size, "ONE_MESSAGE_LIMIT", size + 1)
+    assert proto_size.fits_one_message(model)

@@ -233,9 +233,9 @@ def prepare_model(path: Path, workdir: Path) -> ModelCase:
 def _save_proto(proto, dst: Path) -> None:
     import onnx
 
-    from pipeline.runtime.proto_size import message_tensor_bytes
+    from pipeline.runtime.proto_size import fits_one_message
 
-    if message_tensor_bytes(proto) > 1_800_000_000:
+    if not fits_one_message(proto):
         onnx.save(proto, str(dst), save_as_external_data=True, location=dst.name + ".data")
     else:
         onnx.save(proto, str(dst))

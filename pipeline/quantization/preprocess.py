@@ -34,16 +34,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from pipeline.runtime.proto_size import message_tensor_bytes
+from pipeline.runtime.proto_size import fits_one_message
 
 logger = logging.getLogger(__name__)
 
 MIN_QDQ_OPSET = 13
 MASK_LIMIT = 1e30  # constants at or beyond this magnitude (or infinite) are mask sentinels
 MASK_CLAMP = 1e4
-# tensor bytes above which a message goes through a file with external data: protobuf
-# serializes nothing of 2 GB or more, and the graph's structure needs room beside the tensors
-_LARGE_MESSAGE = 1_900_000_000
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -120,7 +117,7 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
     """Symbolic (contrib-aware) then ONNX shape inference; a failure is a note, not an error."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    large = message_tensor_bytes(model) > _LARGE_MESSAGE
+    large = not fits_one_message(model)
     with tempfile.TemporaryDirectory(prefix="ovo-quant-pre-") as tmp:
         target = Path(tmp) / "pre.onnx"
         attempts = (

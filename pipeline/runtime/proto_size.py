@@ -14,6 +14,15 @@ from collections.abc import Iterator
 import onnx
 from onnx.helper import tensor_dtype_to_np_dtype
 
+# Tensor bytes up to which a model goes as one serialized message: protobuf serializes nothing
+# of 2 GB or more, and the graph's structure needs room beside the tensors.
+ONE_MESSAGE_LIMIT = 1_800_000_000
+
+
+def fits_one_message(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` can be serialized whole (else: save it with external data)."""
+    return message_tensor_bytes(model) < ONE_MESSAGE_LIMIT
+
 
 def message_tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes of tensor data held inside ``model``'s message (not in external data files):

@@ -23,7 +23,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from pipeline.runtime import opaque_types
-from pipeline.runtime.proto_size import message_tensor_bytes
+from pipeline.runtime.proto_size import fits_one_message
 from pipeline.runtime.scratch_weights import in_memory_initializers, owned_prefix, remove_stale
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def model_on_disk(model: ir.Model) -> Iterator[Path]:
             sidecar.unlink(missing_ok=True)
         return
     proto = opaque_types.to_proto(model)
-    small = message_tensor_bytes(proto) < 1_900_000_000
+    small = fits_one_message(proto)
     scratch = Path(tempfile.mkdtemp(prefix="ovo-run-"))
     try:
         for graph in model.graphs():
