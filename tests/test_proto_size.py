@@ -81,3 +81,18 @@ def test_one_message_holds_tensors_below_the_limit_only(monkeypatch):
     assert not proto_size.fits_one_message(model)
     monkeypatch.setattr(proto_size, "ONE_MESSAGE_LIMIT", size + 1)
     assert proto_size.fits_one_message(model)
+
+
+def test_values_in_typed_fields_are_never_undercounted():
+    """fp16 kept in ``int32_data`` (as ``helper.make_tensor`` stores it) takes more than its 2
+    bytes a value in the message; int64 varints up to 10."""
+    values = np.linspace(-60000, 60000, 4096)
+    tensors = [
+        helper.make_tensor("h", TensorProto.FLOAT16, [4096], values.astype(np.float16)),
+        helper.make_tensor("i", TensorProto.INT64, [4096], (values * 1e9).astype(np.int64)),
+        helper.make_tensor("f", TensorProto.FLOAT, [4096], values.astype(np.float32)),
+    ]
+    graph = helper.make_graph([], "g", [], [], tensors)
+    model = helper.make_model(graph)
+    assert not any(t.HasField("raw_data") for t in model.graph.initializer)
+    assert message_tensor_bytes(model) >= sum(t.ByteSize() for t in model.graph.initializer)

@@ -46,11 +46,19 @@ def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 yield from _tensors(subgraph)
 
 
+# The widest a value of a typed field (int32_data, int64_data, float_data, ...) takes in the
+# message: a 64-bit varint. fp16 in int32_data, for one, takes up to 5 bytes where raw takes 2.
+_TYPED_VALUE_BYTES = 10
+
+
 def _tensor_bytes(tensor: onnx.TensorProto) -> int:
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
         return 0
     if tensor.data_type == onnx.TensorProto.STRING:
         return sum(len(s) for s in tensor.string_data)
+    if not tensor.HasField("raw_data"):
+        fields = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+        return _TYPED_VALUE_BYTES * sum(len(getattr(tensor, f)) for f in fields)
     try:
         itemsize = tensor_dtype_to_np_dtype(tensor.data_type).itemsize
     except (KeyError, ValueError, TypeError):
